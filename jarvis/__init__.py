@@ -1,0 +1,3 @@
+"""Jarvis: an offline, low-latency voice assistant backend."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""``python -m jarvis``: same as the ``jarvis`` console script."""
+
+import sys
+
+from jarvis.cli import main
+
+sys.exit(main())

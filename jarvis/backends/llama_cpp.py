@@ -1,0 +1,184 @@
+"""The llama.cpp backend for asyncio: :class:`LlamaCppBackend` runs the blocking
+:class:`~jarvis.backends.llama_engine.LlamaEngine` in a worker thread and streams its
+tokens to the event loop, one request at a time in arrival order (an
+``asyncio.Lock`` is FIFO, so no client starves)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jarvis.backends.base import ChatMessage, GenerationOptions, GenerationStats
+from jarvis.backends.llama_engine import LlamaEngine
+from jarvis.cache import ContextCache
+from jarvis.config import CacheSettings, LlmSettings
+from jarvis.errors import BackendClosedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Done:
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+class LlamaTokenStream:
+    """Text pieces of one reply; see :class:`jarvis.backends.base.TokenStream`."""
+
+    def __init__(
+        self, backend: LlamaCppBackend, messages: Sequence[ChatMessage], options: GenerationOptions
+    ) -> None:
+        self._backend = backend
+        self._messages = list(messages)
+        self._options = options
+        self._cancel = threading.Event()
+        self._t0 = time.perf_counter()
+        self._consumed = False
+        self.stats: GenerationStats | None = None
+
+    def cancel(self) -> None:
+        """Stop generating; the worker notices before the next token."""
+        self._cancel.set()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        if self._consumed:
+            raise RuntimeError("a token stream can be iterated only once")
+        self._consumed = True
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | _Done | _Failed] = asyncio.Queue()
+
+        def emit(piece: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+        def done(stats: GenerationStats) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, _Done(stats))
+
+        self._backend._submit(self._messages, self._options, emit, done, self._cancel,
+                              self._t0, queue)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Done):
+                    self.stats = item.stats
+                    return
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+        finally:
+            # Early exit, an exception or task cancellation: stop the worker promptly.
+            self._cancel.set()
+
+
+class LlamaCppBackend:
+    """Local GGUF model through llama-cpp-python, with the prefix context cache.
+
+    ``prefill_system`` evaluates (or restores) the system prompt during ``start()``:
+    right for a long-running assistant, pointless for a one-shot ``jarvis ask``.
+    """
+
+    def __init__(
+        self,
+        settings: LlmSettings,
+        cache_settings: CacheSettings,
+        *,
+        prefill_system: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.cache = ContextCache(cache_settings)
+        self.engine = LlamaEngine(settings, self.cache)
+        self.prefill_system = prefill_system
+        self._lock = asyncio.Lock()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._streams: set[threading.Event] = set()
+        self._closed = False
+        self.load_s = 0.0
+        self.warmup_s = 0.0
+
+    async def start(self) -> None:
+        t = time.perf_counter()
+        await asyncio.to_thread(self.engine.load)
+        self.load_s = time.perf_counter() - t
+        self.warmup_s = await asyncio.to_thread(self.engine.warmup, self.prefill_system)
+        log.info("model %s ready: load %.2f s, warm-up %.2f s, %s",
+                 self.settings.model_path.name, self.load_s, self.warmup_s, self.engine.offload)
+
+    async def close(self) -> None:
+        self._closed = True
+        for cancel in list(self._streams):
+            cancel.set()
+        if self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+        await asyncio.to_thread(self.engine.close)
+
+    async def __aenter__(self) -> LlamaCppBackend:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def stream_chat(
+        self, messages: Sequence[ChatMessage], options: GenerationOptions | None = None
+    ) -> LlamaTokenStream:
+        if self._closed:
+            raise BackendClosedError("the llama.cpp backend is closed")
+        if not messages:
+            raise ValueError("stream_chat needs at least one message")
+        return LlamaTokenStream(self, messages, options or GenerationOptions())
+
+    async def complete(
+        self, messages: Sequence[ChatMessage], options: GenerationOptions | None = None
+    ) -> tuple[str, GenerationStats]:
+        """The whole reply and its stats (convenience for non-streaming callers)."""
+        stream = self.stream_chat(messages, options)
+        text = "".join([piece async for piece in stream])
+        assert stream.stats is not None
+        return text, stream.stats
+
+    def _submit(self, messages: list[ChatMessage], options: GenerationOptions,
+                emit: Any, done: Any, cancel: threading.Event, t0: float,
+                queue: asyncio.Queue[Any]) -> None:
+        async def job() -> None:
+            self._streams.add(cancel)
+            try:
+                async with self._lock:
+                    await asyncio.to_thread(self.engine.generate, messages, options, emit, done,
+                                            cancel, t0)
+            except BaseException as exc:  # delivered to the consumer, who re-raises it
+                queue.put_nowait(_Failed(exc))
+            finally:
+                self._streams.discard(cancel)
+
+        task = asyncio.get_running_loop().create_task(job())
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    def info(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "backend": "llama.cpp",
+            "model_path": str(self.settings.model_path),
+            "context_window": engine.n_ctx if engine.loaded else self.settings.context_window,
+            "n_threads": self.settings.n_threads,
+            "n_threads_batch": self.settings.n_threads_batch,
+            "gpu": engine.offload,
+            "chat_template": engine.template_source,
+            "system_prompt_tokens": len(engine.system_prefix),
+            "context_cache": self.cache.enabled,
+            "cache_persistent": self.cache.persistent,
+            "load_s": round(self.load_s, 3),
+            "warmup_s": round(self.warmup_s, 3),
+        }

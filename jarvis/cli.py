@@ -1,0 +1,234 @@
+"""``jarvis`` command line: parse arguments, load settings once, run one subcommand.
+
+Every :class:`~jarvis.errors.JarvisError` ends the program with one line on stderr
+and exit status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jarvis import __version__
+from jarvis.backends.base import ChatMessage, GenerationStats
+from jarvis.config import Settings, load_settings
+from jarvis.errors import JarvisError
+
+log = logging.getLogger("jarvis")
+
+DEMO_REQUESTS = (
+    "Hey Jarvis, what can you help me with?",
+    "What's the capital of France?",
+    "And roughly how many people live there?",
+    "Give me a quick tip for sleeping better.",
+    "Thanks, that's all for now.",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        settings = load_settings()
+        _setup_logging(settings.general.log_level, args.verbose)
+        for warning in settings.warnings:
+            log.warning(warning)
+        result: int = args.handler(args, settings)
+        return result
+    except JarvisError as exc:
+        print(f"jarvis: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jarvis: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jarvis", description="Offline, low-latency voice assistant backend."
+    )
+    parser.add_argument("--version", action="version", version=f"jarvis {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ask = sub.add_parser("ask", help="answer one text request with the local model")
+    ask.add_argument("text", help="what you would say to Jarvis")
+    ask.add_argument("--json", action="store_true", help="print one JSON object")
+    ask.set_defaults(handler=_cmd_ask)
+
+    demo = sub.add_parser("demo", help="a few spoken-style requests, then the latency report")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.set_defaults(handler=_cmd_demo)
+
+    config = sub.add_parser("config", help="print the effective settings (secrets masked)")
+    config.add_argument("--json", action="store_true")
+    config.set_defaults(handler=_cmd_config)
+
+    cache = sub.add_parser("cache", help="inspect or empty the persistent context cache")
+    cache.add_argument("action", choices=("stats", "clear"))
+    cache.add_argument("--json", action="store_true")
+    cache.set_defaults(handler=_cmd_cache)
+    return parser
+
+
+def _setup_logging(level: str, verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, level),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --------------------------------------------------------------------------- ask
+
+
+def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_ask(args.text, settings, as_json=args.json))
+
+
+async def _ask(text: str, settings: Settings, *, as_json: bool) -> int:
+    from jarvis.backends.llama_cpp import LlamaCppBackend
+
+    if not text.strip():
+        raise JarvisError("nothing to ask: the request text is empty")
+    backend = LlamaCppBackend(settings.llm, settings.cache, prefill_system=False)
+    await backend.start()
+    try:
+        messages = [ChatMessage("system", settings.llm.system_prompt), ChatMessage("user", text)]
+        stream = backend.stream_chat(messages)
+        pieces: list[str] = []
+        async for piece in stream:
+            pieces.append(piece)
+            if not as_json:
+                print(piece, end="", flush=True)
+        stats = stream.stats
+        assert stats is not None
+    finally:
+        await backend.close()
+    reply = "".join(pieces).strip()
+    if as_json:
+        print(json.dumps({"reply": reply, **_stats_json(stats)}, indent=2))
+    else:
+        print()
+        print(_stats_line(stats), file=sys.stderr)
+    return 0
+
+
+def _stats_json(stats: GenerationStats) -> dict[str, Any]:
+    return {
+        "ttft_s": _round(stats.ttft_s),
+        "total_s": _round(stats.total_s),
+        "prompt_tokens": stats.prompt_tokens,
+        "cached_tokens": stats.cached_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "finish_reason": stats.finish_reason,
+        "cache_hit": stats.cache_hit,
+        "stages_s": {k: _round(v) for k, v in stats.stages.items()},
+    }
+
+
+def _stats_line(stats: GenerationStats) -> str:
+    ttft = f"{stats.ttft_s:.3f} s" if stats.ttft_s is not None else "n/a"
+    return (
+        f"[first token {ttft} · total {stats.total_s:.3f} s · prompt {stats.prompt_tokens} "
+        f"tokens ({stats.cached_tokens} from cache) · {stats.completion_tokens} tokens "
+        f"· {stats.finish_reason}]"
+    )
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_demo(settings, as_json=args.json))
+
+
+async def _demo(settings: Settings, *, as_json: bool) -> int:
+    from jarvis.backends.llama_cpp import LlamaCppBackend
+    from jarvis.dialogue import Conversation
+    from jarvis.latency import LatencyTracker
+
+    tracker = LatencyTracker(spike_threshold_s=settings.latency.spike_threshold_s)
+    conversation = Conversation(settings.llm.system_prompt)
+    async with LlamaCppBackend(settings.llm, settings.cache) as backend:
+        info = backend.info()
+        if not as_json:
+            print(f"Jarvis demo · model {settings.llm.model_path.name} · {info['gpu']} · "
+                  f"{settings.llm.n_threads} threads · ready in "
+                  f"{info['load_s'] + info['warmup_s']:.2f} s\n")
+        for text in DEMO_REQUESTS:
+            if not as_json:
+                print(f"you>    {text}\njarvis> ", end="", flush=True)
+            stream = backend.stream_chat(conversation.messages(text))
+            pieces: list[str] = []
+            async for piece in stream:
+                pieces.append(piece)
+                if not as_json:
+                    print(piece, end="", flush=True)
+            assert stream.stats is not None
+            conversation.add_turn(text, "".join(pieces))
+            tracker.record(stream.stats.to_record(label="demo"))
+            if not as_json:
+                print(f"\n        {_stats_line(stream.stats)}\n")
+        cache_stats = backend.cache.stats()
+    summary = tracker.summary()
+    if as_json:
+        print(json.dumps({"latency": summary.to_dict(), "cache": cache_stats.to_dict()},
+                         indent=2))
+    else:
+        print(summary.format_table())
+    return 0
+
+
+# --------------------------------------------------------------------------- config, cache
+
+
+def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    rows = settings.describe(mask_secrets=True)
+    if args.json:
+        print(json.dumps({name: {"value": value, "source": source}
+                          for name, value, source in rows}, indent=2))
+        return 0
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, source in rows:
+        shown = value.replace("\n", "\\n")
+        if len(shown) > 70:
+            shown = shown[:67] + "..."
+        print(f"{name:<{width}}  {shown}  ({source})")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
+    from jarvis.cache import disk_usage
+
+    directory = settings.cache.dir
+    if directory is None:
+        print("persistence is off (JARVIS_CACHE_DIR is empty)")
+        return 0
+    if args.action == "clear":
+        from jarvis.cache import ContextCache
+
+        cache = ContextCache(settings.cache)
+        cache.clear(disk=True)
+        cache.close()
+        print(f"cleared the context cache in {directory}")
+        return 0
+    usage = disk_usage(settings.cache)
+    if args.json:
+        print(json.dumps(usage, indent=2))
+    else:
+        for key, value in usage.items():
+            print(f"{key:<20} {value}")
+    return 0

@@ -1,0 +1,455 @@
+"""One validated settings object, read once at start-up from ``JARVIS_*`` variables.
+
+Sources, later ones winning: built-in defaults, an optional ``.env`` file (the file
+named by ``JARVIS_ENV_FILE``, else ``./.env``), the process environment.
+
+Every variable is declared once in :data:`VARIABLES`; that table drives parsing,
+validation, ``jarvis config`` and the check that ``env.example`` documents them all.
+A bad value raises :class:`ConfigError` with one line naming the variable, the value
+and what is allowed. Each component receives only its own section
+(:class:`LlmSettings`, :class:`CacheSettings`, ...), never the whole object.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from jarvis.errors import ConfigError, JarvisError
+from jarvis.models import check_gguf, default_llm_path
+
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Jarvis, a friendly voice assistant running offline in the user's home. "
+    "Your replies are spoken aloud, so answer in one or two short sentences of plain "
+    "text: no lists, no markdown, no emoji. If you do not know, say so briefly."
+)
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (hyper-threads share the same FP units, so llama.cpp gains
+    nothing from them). Falls back to the logical count."""
+    logical = os.cpu_count() or 1
+    system = platform.system()
+    try:
+        if system == "Linux":
+            cores: set[tuple[str, str]] = set()
+            phys = core = ""
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    key, value = key.strip(), value.strip()
+                    if key == "physical id":
+                        phys = value
+                    elif key == "core id":
+                        core = value
+                    elif not key and core:
+                        cores.add((phys, core))
+                        phys = core = ""
+            if core:
+                cores.add((phys, core))
+            if cores:
+                return max(1, min(len(cores), logical))
+        elif system == "Darwin":
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.perflevel0.physicalcpu"],
+                capture_output=True, text=True, timeout=2, check=False,
+            ).stdout.strip() or subprocess.run(
+                ["sysctl", "-n", "hw.physicalcpu"],
+                capture_output=True, text=True, timeout=2, check=False,
+            ).stdout.strip()
+            if out.isdigit():
+                return max(1, int(out))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return logical
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/jarvis/contexts``, else ``~/.cache/jarvis/contexts``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "jarvis" / "contexts"
+
+
+# --------------------------------------------------------------------------- parsers
+# Each parser takes the raw string and returns the value or raises ValueError whose
+# text says what is allowed; load_settings turns that into a ConfigError line.
+
+
+def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(_range_text("a whole number", minimum, maximum)) from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise ValueError(_range_text("a whole number", minimum, maximum))
+        return value
+
+    return parse
+
+
+def _float(minimum: float | None = None, maximum: float | None = None) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(_range_text("a number", minimum, maximum)) from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(_range_text("a finite number", minimum, maximum))
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise ValueError(_range_text("a number", minimum, maximum))
+        return value
+
+    return parse
+
+
+def _range_text(kind: str, minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f"expected {kind} from {minimum} to {maximum}"
+    if minimum is not None:
+        return f"expected {kind} >= {minimum}"
+    if maximum is not None:
+        return f"expected {kind} <= {maximum}"
+    return f"expected {kind}"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected true or false (also 1/0, yes/no, on/off)")
+
+
+def _choice(*allowed: str, upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in allowed:
+            raise ValueError("expected one of " + ", ".join(allowed))
+        return value
+
+    return parse
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+}
+
+
+def parse_size(raw: str) -> int:
+    """Parse a byte size such as ``1073741824``, ``512MB`` or ``2GiB``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", raw)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise ValueError("expected a size in bytes, e.g. 1073741824, 512MB or 2GiB")
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value < 1:
+        raise ValueError("expected a size of at least 1 byte")
+    return value
+
+
+def _path(raw: str) -> Path | None:
+    value = raw.strip()
+    return Path(value).expanduser() if value else None
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+# --------------------------------------------------------------------------- table
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One ``JARVIS_*`` variable: where it goes, how it parses, its default."""
+
+    name: str
+    section: str
+    field: str
+    parse: Callable[[str], Any]
+    default: str | Callable[[], str]
+    """Raw default, parsed like user input; a callable is evaluated at load time."""
+    help: str
+    secret: bool = False
+
+    def default_text(self) -> str:
+        return self.default() if callable(self.default) else self.default
+
+
+VARIABLES: tuple[Variable, ...] = (
+    # --- LLM
+    Variable("JARVIS_MODEL_PATH", "llm", "model_path", _path, "",
+             "GGUF model file; empty = the bundled starter model (SmolLM2-135M-Instruct Q4_1)"),
+    Variable("JARVIS_MODEL_CONTEXT_WINDOW", "llm", "context_window", _int(64, 1 << 20), "4096",
+             "context size in tokens; larger holds more history but costs KV memory"),
+    Variable("JARVIS_N_THREADS", "llm", "n_threads", _int(1, 1024),
+             lambda: str(physical_cores()), "threads for generation (default: physical cores)"),
+    Variable("JARVIS_N_THREADS_BATCH", "llm", "n_threads_batch", _int(0, 1024), "0",
+             "threads for prompt processing; 0 = same as JARVIS_N_THREADS"),
+    Variable("JARVIS_N_BATCH", "llm", "n_batch", _int(1, 1 << 16), "512",
+             "prompt tokens evaluated per llama_decode call"),
+    Variable("JARVIS_N_UBATCH", "llm", "n_ubatch", _int(1, 1 << 16), "512",
+             "physical micro-batch size (<= JARVIS_N_BATCH)"),
+    Variable("JARVIS_N_GPU_LAYERS", "llm", "n_gpu_layers", _int(-1, 100000), "-1",
+             "layers to offload to a GPU; -1 = all, 0 = none; no effect on a CPU-only build"),
+    Variable("JARVIS_FLASH_ATTN", "llm", "flash_attn", _bool, "false",
+             "flash attention; needed for a quantized V cache"),
+    Variable("JARVIS_KV_CACHE_TYPE", "llm", "kv_cache_type", _choice(*KV_CACHE_TYPES), "f16",
+             "KV cache precision: f16, q8_0 (half the memory) or q4_0"),
+    Variable("JARVIS_USE_MMAP", "llm", "use_mmap", _bool, "true",
+             "memory-map the model file (fast start, pages shared with the OS cache)"),
+    Variable("JARVIS_USE_MLOCK", "llm", "use_mlock", _bool, "false",
+             "lock the model in RAM so it is never swapped out"),
+    Variable("JARVIS_TEMPERATURE", "llm", "temperature", _float(0.0, 5.0), "0.2",
+             "sampling temperature; 0 = greedy (deterministic)"),
+    Variable("JARVIS_TOP_P", "llm", "top_p", _float(0.0, 1.0), "0.95", "nucleus sampling"),
+    Variable("JARVIS_TOP_K", "llm", "top_k", _int(0, 100000), "40", "top-k sampling; 0 = off"),
+    Variable("JARVIS_REPEAT_PENALTY", "llm", "repeat_penalty", _float(0.0, 10.0), "1.1",
+             "penalty for repeating recent tokens; 1.0 = off"),
+    Variable("JARVIS_MAX_TOKENS", "llm", "max_tokens", _int(1, 1 << 20), "96",
+             "upper bound on reply length in tokens (spoken replies should be short)"),
+    Variable("JARVIS_SEED", "llm", "seed", _int(-1, 2**31 - 1), "-1",
+             "sampling seed; -1 = random"),
+    Variable("JARVIS_SYSTEM_PROMPT", "llm", "system_prompt", _text, DEFAULT_SYSTEM_PROMPT,
+             "system prompt (kept first so the context cache can reuse it)"),
+    Variable("JARVIS_SYSTEM_PROMPT_FILE", "llm", "system_prompt_file", _path, "",
+             "read the system prompt from this file instead (for long prompts)"),
+    Variable("JARVIS_WARMUP", "llm", "warmup", _bool, "true",
+             "run a tiny generation at start so the first request does not pay for it"),
+    # --- context cache
+    Variable("JARVIS_ENABLE_CONTEXT_CACHE", "cache", "enabled", _bool, "true",
+             "reuse evaluated prompt prefixes (system prompt, history) across requests"),
+    Variable("JARVIS_MAX_CACHE_SIZE", "cache", "max_entries", _int(1, 1_000_000), "100",
+             "most saved contexts held in memory"),
+    Variable("JARVIS_MAX_CACHE_BYTES", "cache", "max_bytes", parse_size, "1GiB",
+             "most memory the saved contexts may hold"),
+    Variable("JARVIS_CACHE_DIR", "cache", "dir", _path, lambda: str(default_cache_dir()),
+             "where the system-prompt state persists across restarts; empty = no persistence"),
+    Variable("JARVIS_DISK_CACHE_BYTES", "cache", "disk_max_bytes", parse_size, "1GiB",
+             "most disk space the persisted contexts may use"),
+    Variable("JARVIS_CACHE_PERSIST_RECENT", "cache", "persist_recent", _int(0, 1000), "4",
+             "recent conversations also saved to disk at shutdown; 0 = only the system prompt"),
+    # --- latency tracker
+    Variable("JARVIS_SPIKE_THRESHOLD_S", "latency", "spike_threshold_s", _float(0.001, 3600.0),
+             "5.0", "a request slower than this counts as a spike"),
+    # --- general
+    Variable("JARVIS_LOG_LEVEL", "general", "log_level", _choice(*LOG_LEVELS, upper=True),
+             "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+KNOWN_NAMES = frozenset(v.name for v in VARIABLES) | {"JARVIS_ENV_FILE"}
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    """What the LLM backend needs."""
+
+    model_path: Path
+    context_window: int
+    n_threads: int
+    n_threads_batch: int
+    n_batch: int
+    n_ubatch: int
+    n_gpu_layers: int
+    flash_attn: bool
+    kv_cache_type: str
+    use_mmap: bool
+    use_mlock: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repeat_penalty: float
+    max_tokens: int
+    seed: int
+    system_prompt: str
+    system_prompt_file: Path | None
+    warmup: bool
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What the context cache needs."""
+
+    enabled: bool
+    max_entries: int
+    max_bytes: int
+    dir: Path | None
+    disk_max_bytes: int
+    persist_recent: int
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """What the latency tracker needs."""
+
+    spike_threshold_s: float
+
+
+@dataclass(frozen=True)
+class GeneralSettings:
+    log_level: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration; ``sources`` says where each variable came from."""
+
+    llm: LlmSettings
+    cache: CacheSettings
+    latency: LatencySettings
+    general: GeneralSettings
+    sources: Mapping[str, str]
+    warnings: tuple[str, ...] = ()
+
+    def describe(self, mask_secrets: bool = True) -> list[tuple[str, str, str]]:
+        """(variable, effective value, source) for every variable, secrets masked."""
+        rows = []
+        for var in VARIABLES:
+            value = getattr(getattr(self, var.section), var.field)
+            text = "" if value is None else str(value)
+            if var.secret and text and mask_secrets:
+                text = "********"
+            rows.append((var.name, text, self.sources.get(var.name, "default")))
+        return rows
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "llm": LlmSettings,
+    "cache": CacheSettings,
+    "latency": LatencySettings,
+    "general": GeneralSettings,
+}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a ``.env`` file: ``KEY=VALUE`` lines, ``#`` comments, optional quotes and
+    ``export``. A malformed line is a ConfigError naming the file and line."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read env file {path}: {exc}") from exc
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        stripped = stripped.removeprefix("export ").strip()
+        key, sep, value = stripped.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE, got {line.strip()!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+            if line.strip().split("=", 1)[1].strip().startswith('"'):
+                value = value.replace("\\n", "\n")
+        values[key] = value
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = None
+) -> Settings:
+    """Build the validated :class:`Settings` (see the module docstring for sources)."""
+    env = dict(os.environ if environ is None else environ)
+    file_values: dict[str, str] = {}
+    file_label = ""
+    if env_file is None and env.get("JARVIS_ENV_FILE"):
+        env_file = Path(env["JARVIS_ENV_FILE"]).expanduser()
+        if not env_file.is_file():
+            raise ConfigError(f"JARVIS_ENV_FILE={env_file}: no such file")
+    if env_file is None and Path(".env").is_file():
+        env_file = Path(".env")
+    if env_file is not None:
+        file_values = read_env_file(env_file)
+        file_label = str(env_file)
+
+    warnings = [
+        f"{name} is not a Jarvis setting (typo?); see env.example for the list"
+        for name in sorted(set(env) | set(file_values))
+        if name.startswith("JARVIS_") and name not in KNOWN_NAMES
+    ]
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    sources: dict[str, str] = {}
+    for var in VARIABLES:
+        if var.name in env:
+            raw, sources[var.name] = env[var.name], "environment"
+        elif var.name in file_values:
+            raw, sources[var.name] = file_values[var.name], file_label
+        else:
+            raw, sources[var.name] = var.default_text(), "default"
+        try:
+            values[var.section][var.field] = var.parse(raw)
+        except ValueError as exc:
+            shown = raw if not var.secret else "********"
+            raise ConfigError(f"{var.name}={shown!r} is invalid: {exc}") from None
+
+    llm = values["llm"]
+    _resolve_llm(llm, sources)
+    sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
+    return Settings(**sections, sources=sources, warnings=tuple(warnings))
+
+
+def _resolve_llm(llm: dict[str, Any], sources: dict[str, str]) -> None:
+    """Cross-field rules and files the LLM section refers to."""
+    try:
+        llm["model_path"] = (
+            check_gguf(llm["model_path"]) if llm["model_path"] is not None else default_llm_path()
+        )
+    except JarvisError as exc:
+        raise ConfigError(str(exc)) from None
+    if llm["n_threads_batch"] == 0:
+        llm["n_threads_batch"] = llm["n_threads"]
+    if llm["n_ubatch"] > llm["n_batch"]:
+        raise ConfigError(
+            f"JARVIS_N_UBATCH={llm['n_ubatch']} is invalid: must not exceed "
+            f"JARVIS_N_BATCH={llm['n_batch']}"
+        )
+    if llm["kv_cache_type"] != "f16" and not llm["flash_attn"]:
+        raise ConfigError(
+            f"JARVIS_KV_CACHE_TYPE={llm['kv_cache_type']!r} is invalid without flash attention: "
+            "llama.cpp needs JARVIS_FLASH_ATTN=true for a quantized KV cache"
+        )
+    prompt_file: Path | None = llm["system_prompt_file"]
+    if prompt_file is not None:
+        if sources.get("JARVIS_SYSTEM_PROMPT", "default") != "default":
+            raise ConfigError(
+                "JARVIS_SYSTEM_PROMPT and JARVIS_SYSTEM_PROMPT_FILE are both set: keep one"
+            )
+        try:
+            text = prompt_file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise ConfigError(f"JARVIS_SYSTEM_PROMPT_FILE={prompt_file}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"JARVIS_SYSTEM_PROMPT_FILE={prompt_file}: cannot be read as UTF-8 text ({exc})"
+            ) from None
+        if not text:
+            raise ConfigError(f"JARVIS_SYSTEM_PROMPT_FILE={prompt_file}: the file is empty")
+        llm["system_prompt"] = text
+    llm["system_prompt"] = llm["system_prompt"].strip()
+
+
+def section_fields(section: str) -> list[str]:
+    """Field names of a settings section (used by tests and docs checks)."""
+    return [f.name for f in fields(_SECTIONS[section])]

@@ -1,0 +1,40 @@
+"""Errors Jarvis raises on purpose, each with a message that names the problem and the fix.
+
+::
+
+    JarvisError                    base: caught by the CLI, printed as one line, exit status 2
+    ├── ConfigError                a JARVIS_* setting is invalid (variable, value, what is allowed)
+    ├── ModelError                 a model file is missing, unreadable or not usable
+    └── BackendError               the LLM backend failed while serving a request
+        ├── PromptTooLongError     the prompt does not fit the context window
+        └── BackendClosedError     the backend was used before start() or after close()
+
+Foreign exceptions (llama.cpp, OS errors) are wrapped with ``raise ... from`` so the
+cause stays visible in debug logs while the user sees one clear line.
+"""
+
+from __future__ import annotations
+
+
+class JarvisError(Exception):
+    """Base class of every error Jarvis reports to the user."""
+
+
+class ConfigError(JarvisError):
+    """An invalid configuration value."""
+
+
+class ModelError(JarvisError):
+    """A model file that is missing, unreadable or unusable."""
+
+
+class BackendError(JarvisError):
+    """The LLM backend failed while serving a request."""
+
+
+class PromptTooLongError(BackendError):
+    """The prompt does not fit in the model's context window."""
+
+
+class BackendClosedError(BackendError):
+    """The backend was used before ``start()`` or after ``close()``."""

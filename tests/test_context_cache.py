@@ -1,0 +1,162 @@
+"""The context cache with the real model: conversations interleaving on one model,
+restored states answering exactly like fresh ones, byte caps, persistence across
+restarts, corrupt and mismatched records."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from jarvis.backends.base import ChatMessage
+from jarvis.backends.llama_cpp import LlamaCppBackend
+from jarvis.config import Settings
+from jarvis.dialogue import Conversation
+from jarvis.workload import home_system_prompt, turn
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.slow
+
+
+def backend_for(settings: Settings, prefill: bool = False) -> LlamaCppBackend:
+    return LlamaCppBackend(settings.llm, settings.cache, prefill_system=prefill)
+
+
+def test_restored_state_gives_the_same_greedy_continuation(tmp_path: Path) -> None:
+    """Restore-from-cache must be invisible in the output: same tokens as a fresh
+    evaluation of the whole prompt."""
+    system = home_system_prompt()
+    question = [ChatMessage("system", system), ChatMessage("user", "Who is Biscuit?")]
+    other = [ChatMessage("system", system), ChatMessage("user", "Which rooms have blinds?")]
+
+    async def run(cache: str) -> list[str]:
+        settings = make_settings(tmp_path, ENABLE_CONTEXT_CACHE=cache, CACHE_DIR="",
+                                 TEMPERATURE="0", MAX_TOKENS="32")
+        async with backend_for(settings) as backend:
+            a, _ = await backend.complete(question)
+            b, _ = await backend.complete(other)  # moves the live context away
+            c, stats = await backend.complete(question)  # restored from the cache
+            if cache == "true":
+                assert stats.cached_tokens >= stats.prompt_tokens - 1
+                assert "cache_restore" in stats.stages or stats.cached_tokens > 0
+            return [a, b, c]
+
+    cached = asyncio.run(run("true"))
+    fresh = asyncio.run(run("false"))
+    assert cached == fresh
+    assert cached[0] == cached[2]
+
+
+def test_switching_conversations_restores_instead_of_reevaluating(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, CACHE_DIR="", SYSTEM_PROMPT=home_system_prompt(),
+                             MAX_TOKENS="24")
+
+    async def run() -> None:
+        async with backend_for(settings, prefill=True) as backend:
+            convs = [Conversation(settings.llm.system_prompt) for _ in range(3)]
+            results = []
+            for index in range(3):
+                for client, conv in enumerate(convs):
+                    text = turn(client, index)
+                    reply, stats = await backend.complete(conv.messages(text))
+                    conv.add_turn(text, reply)
+                    results.append((index, stats))
+            cache = backend.cache.stats()
+        system_tokens = len(backend.engine.system_prefix)
+        assert system_tokens > 400
+        for index, stats in results:
+            assert stats.cache_hit
+            if index == 0:
+                assert stats.cached_tokens >= system_tokens
+            else:  # came back to its conversation: the history is restored, not evaluated
+                assert stats.evaluated_prompt_tokens < 40, stats
+        assert cache.hits == cache.queries == 9
+        assert cache.restores >= 6
+        assert cache.bytes_held <= settings.cache.max_bytes
+
+    asyncio.run(run())
+
+
+def test_byte_cap_is_never_exceeded(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, CACHE_DIR="", MAX_CACHE_BYTES="40MiB", MAX_TOKENS="16",
+                             SYSTEM_PROMPT=home_system_prompt())
+
+    async def run() -> None:
+        async with backend_for(settings) as backend:
+            convs = [Conversation(settings.llm.system_prompt) for _ in range(4)]
+            for index in range(2):
+                for client, conv in enumerate(convs):
+                    text = turn(client, index)
+                    reply, _ = await backend.complete(conv.messages(text))
+                    conv.add_turn(text, reply)
+                    stats = backend.cache.stats()
+                    assert stats.bytes_held <= 40 * 1024 * 1024
+            assert backend.cache.stats().evictions > 0
+
+    asyncio.run(run())
+
+
+def ask_once(settings: Settings, text: str) -> tuple[str, int, float]:
+    async def run() -> tuple[str, int, float]:
+        async with backend_for(settings) as backend:
+            reply, stats = await backend.complete(
+                [ChatMessage("system", settings.llm.system_prompt), ChatMessage("user", text)]
+            )
+            assert stats.ttft_s is not None
+            return reply, stats.cached_tokens, stats.ttft_s
+
+    return asyncio.run(run())
+
+
+def test_restart_answers_warm_from_disk(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, SYSTEM_PROMPT=home_system_prompt(), MAX_TOKENS="8")
+    _, cached_first, ttft_first = ask_once(settings, "Is the porch light on a schedule?")
+    _, cached_second, ttft_second = ask_once(settings, "When does Biscuit eat?")
+    assert cached_first == 0
+    assert cached_second > 400  # the system prompt came from disk
+    assert ttft_second < ttft_first / 3
+
+
+def _scribble(cache_dir: Path, mode: str) -> int:
+    """Damage every large record file diskcache wrote; returns how many."""
+    files = [p for p in cache_dir.rglob("*.val") if p.stat().st_size > 10_000]
+    for path in files:
+        data = bytearray(path.read_bytes())
+        if mode == "truncate":
+            path.write_bytes(bytes(data[: len(data) // 2]))
+        else:
+            for i in range(len(data) // 2, len(data) // 2 + 64):
+                data[i] ^= 0xFF
+            path.write_bytes(bytes(data))
+    return len(files)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "scribble"])
+def test_corrupt_record_is_a_miss_with_a_warning(
+    tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path, SYSTEM_PROMPT=home_system_prompt(), MAX_TOKENS="16",
+                             CACHE_PERSIST_RECENT="0")
+    reference, _, _ = ask_once(settings, "Who is Mia?")
+    assert _scribble(tmp_path / "ctx-cache", mode) >= 1
+    with caplog.at_level(logging.WARNING, logger="jarvis.cache"):
+        reply, cached, _ = ask_once(settings, "Who is Mia?")
+    assert cached == 0  # a miss, never a wrong state
+    assert reply == reference
+    assert any("ignoring saved context" in r.getMessage() for r in caplog.records)
+    # ... and it was rebuilt, so the next start is warm again.
+    _, cached_again, _ = ask_once(settings, "Who is Leo?")
+    assert cached_again > 400
+
+
+def test_fingerprint_mismatch_is_a_miss(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, SYSTEM_PROMPT=home_system_prompt(), MAX_TOKENS="8")
+    ask_once(settings, "Hello.")
+    other = make_settings(tmp_path, SYSTEM_PROMPT=home_system_prompt(), MAX_TOKENS="8",
+                          MODEL_CONTEXT_WINDOW="2048")
+    _, cached, _ = ask_once(other, "Hello.")
+    assert cached == 0
+    _, cached_same, _ = ask_once(settings, "Hello again.")
+    assert cached_same > 400

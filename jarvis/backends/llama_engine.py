@@ -17,6 +17,7 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from jarvis.errors import BackendClosedError, BackendError, ModelError, PromptTo
 
 log = logging.getLogger(__name__)
 
+_MAX_REMEMBERED_REPLIES = 1024
 _KV_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # GGML_TYPE_*
 _OFFLOAD_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 
@@ -53,6 +55,7 @@ class LlamaEngine:
         self._llama_cpp: Any = None
         self._formatter: Any = None
         self._system_prefix: tuple[int, ...] = ()
+        self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self.offload: str = "not loaded"
         self.template_source = ""
 
@@ -189,14 +192,46 @@ class LlamaEngine:
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt for ``messages`` as the model's own chat template formats it,
-        ending with the assistant turn's opening."""
+        ending with the assistant turn's opening.
+
+        An assistant message this engine generated is spliced in as the exact tokens it
+        generated, not re-tokenized: sampled tokens are often not the canonical
+        tokenization of their text, and re-tokenizing would break the prefix match with
+        the KV state (and make the next turn re-evaluate most of the reply).
+        """
         llm = self._require()
         result = self._formatter(messages=[{"role": m.role, "content": m.content}
                                            for m in messages])
-        tokens: list[int] = llm.tokenize(
-            result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
-        )
+        prompt: str = result.prompt
+        segments: list[str | tuple[int, ...]] = []
+        cursor = 0
+        for message in messages:
+            content = message.content.strip()
+            generated = self._replies.get(content) if message.role == "assistant" else None
+            at = prompt.find(content, cursor) if generated and content else -1
+            if generated and at >= 0:
+                segments += [prompt[cursor:at], generated]
+                cursor = at + len(content)
+        segments.append(prompt[cursor:])
+        tokens: list[int] = []
+        for index, segment in enumerate(segments):
+            if isinstance(segment, tuple):
+                tokens += segment
+            elif segment:
+                add_bos = index == 0 and not result.added_special
+                tokens += llm.tokenize(segment.encode("utf-8"), add_bos=add_bos, special=True)
         return tokens
+
+    def _remember_reply(self, text: str, tokens: list[int]) -> None:
+        """Keep the tokens generated for ``text`` so a later prompt containing this reply
+        reproduces them exactly (bounded: the most recent replies only)."""
+        key = text.strip()
+        if not key or not tokens:
+            return
+        self._replies[key] = tuple(tokens)
+        self._replies.move_to_end(key)
+        while len(self._replies) > _MAX_REMEMBERED_REPLIES:
+            self._replies.popitem(last=False)
 
     def _compute_system_prefix(self) -> tuple[int, ...]:
         """Tokens shared by every prompt that starts with the configured system prompt:
@@ -310,7 +345,8 @@ class LlamaEngine:
         finish: FinishReason = "length"
         ttft: float | None = None
         t_first = None
-        count = 0
+        generated: list[int] = []
+        pieces: list[str] = []
         t_eval = time.perf_counter()
         gen = llm.generate(tokens, top_k=s.top_k, top_p=s.top_p, temp=temperature,
                            repeat_penalty=s.repeat_penalty, min_p=0.05, reset=True)
@@ -325,19 +361,23 @@ class LlamaEngine:
                 if lib.llama_vocab_is_eog(vocab, token) or lib.llama_vocab_is_control(vocab, token):
                     finish = "stop"
                     break
-                count += 1
+                generated.append(token)
                 piece = decoder.decode(llm.detokenize([token]))
                 if piece:
                     if ttft is None:
                         ttft = time.perf_counter() - t0
+                    pieces.append(piece)
                     emit(piece)
-                if count >= max_tokens:
+                if len(generated) >= max_tokens:
                     break
         finally:
             gen.close()
         tail = decoder.decode(b"", final=True)
         if tail:
+            pieces.append(tail)
             emit(tail)
+        if finish != "cancelled":
+            self._remember_reply("".join(pieces), generated)
         now = time.perf_counter()
         stages["prepare"] = t_eval - t_prep
         if t_first is not None:
@@ -345,7 +385,7 @@ class LlamaEngine:
         return GenerationStats(
             prompt_tokens=len(tokens),
             cached_tokens=cached,
-            completion_tokens=count,
+            completion_tokens=len(generated),
             finish_reason=finish,
             ttft_s=ttft,
             total_s=now - t0,

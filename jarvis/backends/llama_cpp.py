@@ -9,7 +9,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,7 @@ class LlamaCppBackend:
         self._lock = asyncio.Lock()
         self._jobs: set[asyncio.Task[None]] = set()
         self._streams: set[threading.Event] = set()
+        self._waiting = 0
         self._closed = False
         self.load_s = 0.0
         self.warmup_s = 0.0
@@ -151,20 +152,37 @@ class LlamaCppBackend:
     def _submit(self, messages: list[ChatMessage], options: GenerationOptions,
                 emit: Any, done: Any, cancel: threading.Event, t0: float,
                 queue: asyncio.Queue[Any]) -> None:
+        self._waiting += 1  # counted now, so idle housekeeping sees it is not idle
+
         async def job() -> None:
             self._streams.add(cancel)
             try:
                 async with self._lock:
+                    self._waiting -= 1
                     await asyncio.to_thread(self.engine.generate, messages, options, emit, done,
                                             cancel, t0)
             except BaseException as exc:  # delivered to the consumer, who re-raises it
                 queue.put_nowait(_Failed(exc))
             finally:
                 self._streams.discard(cancel)
+            self._spawn(self._idle_housekeeping())
 
-        task = asyncio.get_running_loop().create_task(job())
+        self._spawn(job())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
+
+    async def _idle_housekeeping(self) -> None:
+        """Let the engine prepare for the next turn, but only while nobody is waiting:
+        a request that arrives first simply goes ahead (and snapshots lazily if it
+        switches conversations)."""
+        await asyncio.sleep(0)
+        if self._closed or self._waiting or self._lock.locked():
+            return
+        async with self._lock:
+            await asyncio.to_thread(self.engine.housekeeping)
 
     def info(self) -> dict[str, Any]:
         engine = self.engine

@@ -56,6 +56,7 @@ class LlamaEngine:
         self._formatter: Any = None
         self._system_prefix: tuple[int, ...] = ()
         self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._last_turn: tuple[list[ChatMessage], str | None] | None = None
         self.offload: str = "not loaded"
         self.template_source = ""
 
@@ -169,6 +170,8 @@ class LlamaEngine:
             if self._llm is None:
                 return
             try:
+                self._last_turn = None
+                self._persist_system_prefix()
                 self._persist_recent()
             finally:
                 self._llm.close()
@@ -305,10 +308,10 @@ class LlamaEngine:
             stages: dict[str, float] = {}
             t_prep = time.perf_counter()
             cached = self._prepare(tokens, stages)
-            stats = self._stream(llm, tokens, cached, max_tokens, temperature, emit, cancel,
-                                 t0, t_prep, queue_s, stages)
+            stats, reply = self._stream(llm, tokens, cached, max_tokens, temperature, emit,
+                                        cancel, t0, t_prep, queue_s, stages)
+            self._last_turn = (list(messages), reply if stats.finish_reason == "stop" else None)
             done(stats)
-            self._after_turn()
 
     def _prepare(self, tokens: list[int], stages: dict[str, float]) -> int:
         """Bring the longest reusable prefix of ``tokens`` into the context; return its
@@ -317,9 +320,14 @@ class LlamaEngine:
         reusable = len(tokens) - 1
         live = min(common_prefix(llm.input_ids[: llm.n_tokens], tokens), reusable)
         reused, partial = live, live < llm.n_tokens
+        if self.cache.enabled and live < llm.n_tokens:
+            # Part of the live context is about to be discarded (another conversation,
+            # or an edited history): keep it restorable unless housekeeping already did.
+            t = time.perf_counter()
+            if self._store_live():
+                stages["cache_save"] = time.perf_counter() - t
         match = self.cache.lookup(tokens[:reusable]) if self.cache.enabled else None
         if match is not None and match.length > live:
-            self._store_live()  # switching away: keep this conversation restorable
             t = time.perf_counter()
             with self.cache.using(match.entry):
                 ok = self._restore(match.entry.tokens, match.entry.payload, match.length)
@@ -337,7 +345,7 @@ class LlamaEngine:
         self, llm: Any, tokens: list[int], cached: int, max_tokens: int, temperature: float,
         emit: Callable[[str], None], cancel: threading.Event, t0: float, t_prep: float,
         queue_s: float, stages: dict[str, float],
-    ) -> GenerationStats:
+    ) -> tuple[GenerationStats, str]:
         s = self.settings
         lib = self._llama_cpp
         vocab = llm._model.vocab
@@ -382,7 +390,7 @@ class LlamaEngine:
         stages["prepare"] = t_eval - t_prep
         if t_first is not None:
             stages["generation"] = now - t_first
-        return GenerationStats(
+        stats = GenerationStats(
             prompt_tokens=len(tokens),
             cached_tokens=cached,
             completion_tokens=len(generated),
@@ -393,44 +401,74 @@ class LlamaEngine:
             stages=stages,
             cache_hit=(cached > 0) if self.cache.enabled else None,
         )
+        return stats, "".join(pieces)
 
-    def _after_turn(self) -> None:
-        """Housekeeping after the reply was delivered: snapshot the conversation, and
-        make sure the system prompt's state is on disk for the next start."""
-        if not self.cache.enabled:
+    def housekeeping(self) -> None:
+        """Work that makes the *next* request faster, done while the model is idle
+        (the caller runs it only when no request is waiting):
+
+        1. evaluate the template tokens that will follow the last reply in its
+           conversation's next prompt (end of turn, start of the next user turn);
+        2. snapshot the conversation into the cache, so switching back restores it;
+        3. make sure the system prompt's state is on disk for the next start.
+        """
+        with self._lock:
+            if self._llm is None or not self.cache.enabled:
+                return
+            turn, self._last_turn = self._last_turn, None
+            try:
+                if turn is not None and turn[1] is not None:
+                    self._prefetch_next_turn(turn[0], turn[1])
+                self._store_live()
+                self._persist_system_prefix()
+            except Exception:  # only speed is at stake: log and carry on
+                log.exception("context cache: housekeeping after a turn failed")
+
+    def _prefetch_next_turn(self, messages: list[ChatMessage], reply: str) -> None:
+        history = [*messages, ChatMessage("assistant", reply)]
+        a = self.tokenize_chat([*history, ChatMessage("user", "a")])
+        b = self.tokenize_chat([*history, ChatMessage("user", "b")])
+        upto = common_prefix(a, b)
+        llm = self._llm
+        n = llm.n_tokens
+        if n < upto < llm.n_ctx() and common_prefix(llm.input_ids[:n], a[:n]) == n:
+            llm.eval(a[n:upto])
+
+    def _persist_system_prefix(self) -> None:
+        """Save the system prompt's state to disk once per model configuration, cut from
+        the live context (the KV of a prefix does not depend on what follows it)."""
+        prefix = self._system_prefix
+        llm = self._llm
+        if (
+            not self.cache.persistent
+            or not prefix
+            or self.cache.has_persisted(prefix)
+            or common_prefix(llm.input_ids[: llm.n_tokens], prefix) != len(prefix)
+        ):
             return
-        try:
-            self._store_live()
-            prefix = self._system_prefix
-            llm = self._llm
-            if (
-                self.cache.persistent
-                and prefix
-                and not self.cache.has_persisted(prefix)
-                and common_prefix(llm.input_ids[: llm.n_tokens], prefix) == len(prefix)
-            ):
-                llm.n_tokens = len(prefix)
-                llm._ctx.kv_cache_seq_rm(0, len(prefix), -1)
-                state = self._snapshot()
-                self.cache.store(prefix, state, pinned=True)
-                self.cache.persist(prefix, state, kind="system")
-        except Exception:  # the reply is already out; a failed snapshot only costs speed
-            log.exception("context cache: snapshot after the turn failed")
+        self._store_live()  # keep the conversation restorable before cutting it back
+        llm.n_tokens = len(prefix)
+        llm._ctx.kv_cache_seq_rm(0, len(prefix), -1)
+        state = self._snapshot()
+        self.cache.store(prefix, state, pinned=True)
+        self.cache.persist(prefix, state, kind="system")
 
     # ------------------------------------------------------------------ KV states
 
-    def _store_live(self, pinned: bool = False) -> None:
-        """Save the live context into the cache unless an entry already covers it."""
+    def _store_live(self) -> bool:
+        """Save the live context into the cache unless an entry already covers it;
+        True when a snapshot was taken."""
         llm = self._llm
         n = llm.n_tokens
         if not self.cache.enabled or n == 0:
-            return
+            return False
         tokens = tuple(int(t) for t in llm.input_ids[:n])
-        if not pinned and self.cache.covers(tokens):
-            return
+        if self.cache.covers(tokens):
+            return False
         t = time.perf_counter()
         state = self._snapshot()
-        self.cache.store(tokens, state, pinned=pinned, save_s=time.perf_counter() - t)
+        self.cache.store(tokens, state, save_s=time.perf_counter() - t)
+        return True
 
     def _snapshot(self) -> bytes:
         """The KV state of sequence 0 (no logits: we always re-evaluate one token)."""

@@ -324,7 +324,8 @@ class ContextCache:
             return 0
         if not keys:
             self._counters["disk_misses"] += 1
-            log.info("context cache: no saved %s context for this model configuration", kind)
+            log.log(logging.INFO if kind == "system" else logging.DEBUG,
+                    "context cache: no saved %s context for this model configuration", kind)
             return 0
         loaded = 0
         for key in keys:

@@ -20,6 +20,7 @@ from jarvis.config import Settings, load_settings
 from jarvis.errors import JarvisError
 
 log = logging.getLogger("jarvis")
+_QUIET_COMMANDS = {"ask", "config", "cache"}
 
 DEMO_REQUESTS = (
     "Hey Jarvis, what can you help me with?",
@@ -38,7 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         settings = load_settings()
-        _setup_logging(settings.general.log_level, args.verbose)
+        level = settings.general.log_level
+        if args.command in _QUIET_COMMANDS and settings.sources["JARVIS_LOG_LEVEL"] == "default":
+            level = "WARNING"  # one-shot commands print results, not start-up chatter
+        _setup_logging(level, args.verbose)
         for warning in settings.warnings:
             log.warning(warning)
         result: int = args.handler(args, settings)

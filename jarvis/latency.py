@@ -300,7 +300,8 @@ class LatencySummary:
         )
 
     def targets(self) -> list[TargetCheck]:
-        """The targets users of local voice assistants quote: average latency 0.5–2.0 s;
+        """The targets users of local voice assistants quote: average latency 0.5–2.0 s
+        (judged as at most 2.0 s: being faster than the range is not a failure);
         no spike above the threshold (5 s default); std < 50 % of mean; cache hit rate > 80 %.
         """
         lo, hi = AVG_LATENCY_RANGE_S
@@ -310,9 +311,9 @@ class LatencySummary:
         return [
             TargetCheck(
                 TARGET_AVG_LATENCY,
-                f"{lo:.1f}–{hi:.1f} s",
+                f"<= {hi:.1f} s (quoted: {lo:.1f}–{hi:.1f} s)",
                 mean,
-                None if mean is None else lo <= mean <= hi,
+                None if mean is None else mean <= hi,  # faster than the range is no fault
             ),
             TargetCheck(
                 TARGET_SPIKES,

@@ -220,7 +220,7 @@ def test_targets_all_pass() -> None:
     assert all(c.ok is True for c in checks), checks
     names = by_name(_summary(_good_records()))
     assert set(names) == {"average latency", "latency spikes", "consistency", "cache hit rate"}
-    assert names["average latency"].goal == "0.5–2.0 s"
+    assert names["average latency"].goal == "<= 2.0 s (quoted: 0.5–2.0 s)"
     assert names["average latency"].value == pytest.approx(1.04)
 
 
@@ -228,10 +228,11 @@ def _only_failing(summary: LatencySummary) -> set[str]:
     return {c.name for c in summary.targets() if c.ok is False}
 
 
-@pytest.mark.parametrize("totals", [[0.1, 0.12, 0.11], [2.5, 2.6, 2.4]])
-def test_target_average_latency_fails(totals: list[float]) -> None:
-    records = [RequestRecord(total_s=t, cache_hit=True) for t in totals]
-    assert _only_failing(_summary(records)) == {"average latency"}
+def test_target_average_latency_fails_only_when_slow() -> None:
+    slow = [RequestRecord(total_s=t, cache_hit=True) for t in (2.5, 2.6, 2.4)]
+    assert _only_failing(_summary(slow)) == {"average latency"}
+    fast = [RequestRecord(total_s=t, cache_hit=True) for t in (0.1, 0.12, 0.11)]
+    assert _only_failing(_summary(fast)) == set()  # faster than 0.5 s is no failure
 
 
 def test_target_spike_fails() -> None:

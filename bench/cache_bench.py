@@ -41,6 +41,9 @@ from jarvis.latency import percentile
 from jarvis.workload import HOME_SYSTEM_PROMPT_FILE, home_system_prompt, turn
 
 MAX_TOKENS = 32
+THINK_TIME_S = 0.0
+"""Pause after each reply (``--think-time``): a person listening and answering. Our
+backend uses idle time to snapshot and pre-evaluate; the others cannot."""
 
 
 def settings_for_bench() -> Settings:
@@ -105,6 +108,7 @@ def plain_llama(settings: Settings, conversations: int, turns: int,
             history.append({"role": "assistant", "content": "".join(parts).strip()})
             print(f"  [{name}] conv {client} turn {index + 1}: ttft {ttfts[-1]:.3f} s",
                   flush=True)
+            time.sleep(THINK_TIME_S)
     extra: dict[str, Any] = {}
     if cache is not None:
         states = list(cache.cache_state.values())
@@ -154,6 +158,7 @@ async def jarvis_way(settings: Settings, conversations: int, turns: int, *, pref
                 max_bytes_held = max(max_bytes_held, backend.cache.stats().bytes_held)
                 print(f"  [{name}] conv {client} turn {index + 1}: ttft {ttfts[-1]:.3f} s "
                       f"({stats.cached_tokens}/{stats.prompt_tokens} cached)", flush=True)
+                await asyncio.sleep(THINK_TIME_S)
         cache = backend.cache.stats()
     finally:
         await backend.close()
@@ -191,13 +196,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--conversations", type=int, default=4)
+    p.add_argument("--think-time", type=float, default=0.0,
+                   help="seconds between a reply and the next request (default 0: back to back)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    global THINK_TIME_S
+    THINK_TIME_S = args.think_time
     settings = settings_for_bench()
     from llama_cpp.llama_cache import LlamaRAMCache
 
     print(f"workload: {args.conversations} conversations x {args.turns} turns, round-robin, "
-          f"shared system prompt, greedy, max {MAX_TOKENS} tokens", flush=True)
+          f"shared system prompt, greedy, max {MAX_TOKENS} tokens, think time "
+          f"{THINK_TIME_S:g} s", flush=True)
     rows = [
         plain_llama(settings, args.conversations, args.turns, None, "no cache"),
         plain_llama(settings, args.conversations, args.turns,

@@ -4,6 +4,7 @@ concurrency on one model, the context cache across turns, and errors."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 
@@ -193,3 +194,27 @@ def test_prompt_too_long_and_closed_backend(tmp_path: Path) -> None:
             backend.stream_chat(msgs("hello"))
 
     asyncio.run(run())
+
+
+def test_grammar_constrains_the_output(settings: Settings) -> None:
+    from llama_cpp import LlamaGrammar
+
+    schema = {"type": "object", "required": ["device", "action"],
+              "properties": {"device": {"enum": ["kitchen light", "porch light"]},
+                             "action": {"enum": ["on", "off"]}}}
+    grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+
+    async def run() -> tuple[str, str]:
+        async with LlamaCppBackend(settings.llm, settings.cache) as backend:
+            constrained, _ = await backend.complete(
+                msgs("Please switch the garage heater to maximum."),
+                GenerationOptions(grammar=grammar, max_tokens=40),
+            )
+            free, _ = await backend.complete(msgs("Say hello."))
+            return constrained, free
+
+    constrained, free = asyncio.run(run())
+    choice = json.loads(constrained)  # only what the schema allows, even for a silly request
+    assert choice["device"] in ("kitchen light", "porch light")
+    assert choice["action"] in ("on", "off")
+    assert free.strip() and not free.lstrip().startswith("{")  # the next request is free again

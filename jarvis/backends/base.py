@@ -27,6 +27,9 @@ class GenerationOptions:
 
     max_tokens: int | None = None
     temperature: float | None = None
+    grammar: Any = None
+    """A backend-specific constraint on the output (for llama.cpp a ``LlamaGrammar``,
+    e.g. from a JSON schema), so the model can only produce what the grammar allows."""
 
 
 @dataclass(frozen=True)

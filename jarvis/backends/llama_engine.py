@@ -308,8 +308,9 @@ class LlamaEngine:
             stages: dict[str, float] = {}
             t_prep = time.perf_counter()
             cached = self._prepare(tokens, stages)
-            stats, reply = self._stream(llm, tokens, cached, max_tokens, temperature, emit,
-                                        cancel, t0, t_prep, queue_s, stages)
+            stats, reply = self._stream(llm, tokens, cached, max_tokens, temperature,
+                                        options.grammar, emit, cancel, t0, t_prep, queue_s,
+                                        stages)
             self._last_turn = (list(messages), reply if stats.finish_reason == "stop" else None)
             done(stats)
 
@@ -343,7 +344,7 @@ class LlamaEngine:
 
     def _stream(
         self, llm: Any, tokens: list[int], cached: int, max_tokens: int, temperature: float,
-        emit: Callable[[str], None], cancel: threading.Event, t0: float, t_prep: float,
+        grammar: Any, emit: Callable[[str], None], cancel: threading.Event, t0: float, t_prep: float,
         queue_s: float, stages: dict[str, float],
     ) -> tuple[GenerationStats, str]:
         s = self.settings
@@ -357,7 +358,8 @@ class LlamaEngine:
         pieces: list[str] = []
         t_eval = time.perf_counter()
         gen = llm.generate(tokens, top_k=s.top_k, top_p=s.top_p, temp=temperature,
-                           repeat_penalty=s.repeat_penalty, min_p=0.05, reset=True)
+                           repeat_penalty=s.repeat_penalty, min_p=0.05, reset=True,
+                           grammar=grammar)
         try:
             for token in gen:
                 if t_first is None:

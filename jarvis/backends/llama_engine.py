@@ -344,8 +344,8 @@ class LlamaEngine:
 
     def _stream(
         self, llm: Any, tokens: list[int], cached: int, max_tokens: int, temperature: float,
-        grammar: Any, emit: Callable[[str], None], cancel: threading.Event, t0: float, t_prep: float,
-        queue_s: float, stages: dict[str, float],
+        grammar: Any, emit: Callable[[str], None], cancel: threading.Event, t0: float,
+        t_prep: float, queue_s: float, stages: dict[str, float],
     ) -> tuple[GenerationStats, str]:
         s = self.settings
         lib = self._llama_cpp

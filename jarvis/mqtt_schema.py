@@ -1,0 +1,317 @@
+"""Topics and JSON payloads of the MQTT bridge, and the strict parser for commands.
+
+Topics (``<base>`` is ``JARVIS_MQTT_BASE_TOPIC``, default ``jarvis/<site>``)::
+
+    in   <base>/cmd/ask       {"text": str, "id"?: str|int, "conversation_id"?: str,
+                               "speak"?: bool, "max_tokens"?: int 1-4096}
+         <base>/cmd/say       {"text": str, "id"?}
+         <base>/cmd/mute      {"mute": bool, "id"?}
+         <base>/cmd/cancel    {"id"?, "target"?: id of the ask to cancel}  (empty = {})
+         <base>/cmd/reload    {"id"?}   re-reads the device map               (empty = {})
+         <base>/cmd/metrics   {"id"?}   publishes <base>/metrics now            (empty = {})
+         hermes/tts/say       {"text", "siteId"?, "id"?, "sessionId"?, "lang"?}
+         <discovery>/status   "online" -> Home Assistant discovery is published again
+    out  <base>/reply         {"id", "text", "conversation_id", "cancelled", "spoken",
+                               "actions": [{"device", "action", "topic", "source"}],
+                               "latency": {"total_s", "ttft_s", "queue_s", "prompt_tokens",
+                               "cached_tokens", "completion_tokens", "cache_hit",
+                               "finish_reason", "intent", "overhead_s"}}
+         <base>/result        {"id", "command", "ok": true, ...}: say -> "spoken",
+                               mute -> "muted", cancel -> "cancelled", reload -> "reloaded"
+         <base>/error         {"code", "message", "topic", "id", "bytes"?: payload size}
+         <base>/state         idle | listening | thinking | speaking     (retained)
+         <base>/muted         ON | OFF                                   (retained)
+         <base>/transcript    {"text", "seconds", "likelihood"}
+         <base>/metrics       LatencySummary.to_dict(): mean_s, p95_s, std_s, spikes,
+                              cache_hit_rate, ...                      (retained)
+         <base>/availability  online | offline  (retained; offline is the last will)
+         hermes/tts/sayFinished   {"id", "siteId", "sessionId"}
+         hermes/asr/textCaptured  {"text", "likelihood", "seconds", "siteId",
+                                   "sessionId": null, "wakewordId": null}
+
+Every ask is answered exactly once on ``<base>/reply`` or ``<base>/error`` with its
+``id``. Error codes: ``too_large`` (over 64 KiB), ``invalid_utf8``, ``invalid_json``,
+``invalid_payload`` (not an object, a missing field, a wrong type or range),
+``unknown_command``, ``retained_command`` (retained commands are never executed: they
+would run again on every reconnect), ``busy`` (too many asks waiting), ``ask_failed``
+(the model failed), ``say_failed``/``mute_failed``/``reload_failed``, ``shutting_down``
+(an ask still open when Jarvis stops), ``internal_error``. Unknown extra fields are
+ignored. An ask whose ``id`` is already being answered (a QoS 1 redelivery) is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from jarvis.errors import JarvisError
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_TEXT_CHARS = 4000
+MAX_ID_CHARS = 200
+MAX_ASK_TOKENS = 4096
+STATES = ("idle", "listening", "thinking", "speaking")
+
+HERMES_SAY = "hermes/tts/say"
+HERMES_SAY_FINISHED = "hermes/tts/sayFinished"
+HERMES_TEXT_CAPTURED = "hermes/asr/textCaptured"
+
+CorrelationId = str | int | None
+
+
+class MqttError(JarvisError):
+    """Base of the MQTT errors (see :mod:`jarvis.mqtt` for the tree)."""
+
+
+class MqttConfigError(MqttError):
+    """MQTT settings missing or unusable, e.g. hub mode without ``JARVIS_MQTT_HOST``."""
+
+
+class MqttConnectionError(MqttError):
+    """The broker could not be reached, or the connection was lost."""
+
+
+class MqttAuthError(MqttConnectionError):
+    """The broker refused the credentials or the client id."""
+
+
+class PayloadError(MqttError):
+    """A command payload that breaks the schema; published on ``<base>/error``, never
+    raised out of the bridge."""
+
+    def __init__(self, code: str, message: str, correlation_id: CorrelationId = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.correlation_id = correlation_id
+
+
+@dataclass(frozen=True)
+class Topics:
+    base: str
+    discovery_prefix: str = ""
+
+    @property
+    def cmd_filter(self) -> str:
+        return f"{self.base}/cmd/+"
+
+    @property
+    def cmd_prefix(self) -> str:
+        return f"{self.base}/cmd/"
+
+    @property
+    def reply(self) -> str:
+        return f"{self.base}/reply"
+
+    @property
+    def result(self) -> str:
+        return f"{self.base}/result"
+
+    @property
+    def error(self) -> str:
+        return f"{self.base}/error"
+
+    @property
+    def state(self) -> str:
+        return f"{self.base}/state"
+
+    @property
+    def muted(self) -> str:
+        return f"{self.base}/muted"
+
+    @property
+    def transcript(self) -> str:
+        return f"{self.base}/transcript"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.base}/metrics"
+
+    @property
+    def availability(self) -> str:
+        return f"{self.base}/availability"
+
+    @property
+    def ha_status(self) -> str | None:
+        return f"{self.discovery_prefix}/status" if self.discovery_prefix else None
+
+
+@dataclass(frozen=True)
+class AskCommand:
+    text: str
+    id: CorrelationId = None
+    conversation_id: str | None = None
+    speak: bool | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class SayCommand:
+    text: str
+    id: CorrelationId = None
+
+
+@dataclass(frozen=True)
+class MuteCommand:
+    mute: bool
+    id: CorrelationId = None
+
+
+@dataclass(frozen=True)
+class CancelCommand:
+    id: CorrelationId = None
+    target: CorrelationId = None
+
+
+@dataclass(frozen=True)
+class ReloadCommand:
+    id: CorrelationId = None
+
+
+@dataclass(frozen=True)
+class MetricsCommand:
+    id: CorrelationId = None
+
+
+@dataclass(frozen=True)
+class HermesSay:
+    text: str
+    id: Any = None
+    site_id: str | None = None
+    session_id: Any = None
+
+
+Command = (AskCommand | SayCommand | MuteCommand | CancelCommand | ReloadCommand
+           | MetricsCommand | HermesSay)
+_EMPTY_OK = {"cancel", "reload", "metrics"}
+
+
+def decode_object(payload: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
+    """Payload bytes -> JSON object, or a PayloadError saying what is wrong."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadError("too_large", f"payload of {len(payload)} bytes is over the "
+                           f"{MAX_PAYLOAD_BYTES}-byte limit")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError("invalid_utf8", f"payload is not UTF-8 text ({exc.reason} at "
+                           f"byte {exc.start})") from None
+    if empty_ok and not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise PayloadError("invalid_json", f"payload is not JSON ({_short(exc)})") from None
+    if not isinstance(data, dict):
+        raise PayloadError("invalid_payload",
+                           f"payload must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_command(topic: str, payload: bytes, topics: Topics, *, retain: bool = False,
+                  site: str = "default") -> Command | None:
+    """The command in one message; None for messages meant for someone else (a Hermes
+    ``say`` for another site). Raises :class:`PayloadError`."""
+    if topic == HERMES_SAY:
+        data = decode_object(payload)
+        site_id = _opt(data, "siteId", str, None)
+        if site_id is not None and site_id != site:
+            return None
+        return HermesSay(_text(data, None), data.get("id"), site_id, data.get("sessionId"))
+    if not topic.startswith(topics.cmd_prefix):
+        raise PayloadError("unknown_command", f"no command on topic {topic[:200]!r}")
+    name = topic[len(topics.cmd_prefix):]
+    if name not in ("ask", "say", "mute", "cancel", "reload", "metrics"):
+        raise PayloadError("unknown_command", f"unknown command {name[:100]!r}; expected ask, "
+                           "say, mute, cancel, reload or metrics")
+    data = decode_object(payload, empty_ok=name in _EMPTY_OK)
+    cid = _id(data, "id", None)
+    if retain:
+        raise PayloadError("retained_command", "retained commands are ignored (they would "
+                           "run again on every reconnect); publish without the retain flag",
+                           cid)
+    if name == "ask":
+        return AskCommand(
+            _text(data, cid), cid,
+            _opt(data, "conversation_id", str, cid, max_len=MAX_ID_CHARS),
+            _opt(data, "speak", bool, cid),
+            _opt_int(data, "max_tokens", 1, MAX_ASK_TOKENS, cid),
+        )
+    if name == "say":
+        return SayCommand(_text(data, cid), cid)
+    if name == "mute":
+        mute = _opt(data, "mute", bool, cid)
+        if mute is None:
+            raise PayloadError("invalid_payload", "'mute' (true or false) is required", cid)
+        return MuteCommand(mute, cid)
+    if name == "cancel":
+        return CancelCommand(cid, _id(data, "target", cid))
+    if name == "reload":
+        return ReloadCommand(cid)
+    return MetricsCommand(cid)
+
+
+def _text(data: dict[str, Any], cid: CorrelationId) -> str:
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise PayloadError("invalid_payload", "'text' must be a non-empty string", cid)
+    if len(text) > MAX_TEXT_CHARS:
+        raise PayloadError("invalid_payload", f"'text' is longer than {MAX_TEXT_CHARS} "
+                           "characters", cid)
+    return text.strip()
+
+
+def _id(data: dict[str, Any], key: str, cid: CorrelationId) -> CorrelationId:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise PayloadError("invalid_payload", f"{key!r} must be a string or an integer", cid)
+    if isinstance(value, str) and len(value) > MAX_ID_CHARS:
+        raise PayloadError("invalid_payload", f"{key!r} is longer than {MAX_ID_CHARS} "
+                           "characters", None)
+    if isinstance(value, int) and abs(value) >= 2**63:
+        raise PayloadError("invalid_payload", f"{key!r} is out of range", None)
+    return value
+
+
+def _opt(data: dict[str, Any], key: str, kind: type[Any], cid: CorrelationId,
+         max_len: int | None = None) -> Any:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise PayloadError("invalid_payload", f"{key!r} must be a {kind.__name__}", cid)
+    if max_len is not None and isinstance(value, str) and not 0 < len(value) <= max_len:
+        raise PayloadError("invalid_payload", f"{key!r} must have 1-{max_len} characters", cid)
+    return value
+
+
+def _opt_int(data: dict[str, Any], key: str, low: int, high: int,
+             cid: CorrelationId) -> int | None:
+    value = _opt(data, key, int, cid)
+    if value is not None and not low <= value <= high:
+        raise PayloadError("invalid_payload", f"{key!r} must be from {low} to {high}", cid)
+    return value  # type: ignore[no-any-return]
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:120] or type(exc).__name__
+
+
+def dumps(payload: Any) -> bytes:
+    """Compact JSON bytes for publishing (NaN and infinities become null)."""
+    return json.dumps(_finite(payload), separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False, default=str).encode("utf-8")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,268 @@
+"""The seam between the bridge and an MQTT client library.
+
+:class:`Transport` opens one connection at a time as an async context manager; the
+bridge reconnects by opening it again. :class:`AiomqttTransport` is the real one
+(aiomqtt over paho-mqtt, MQTT 3.1.1, persistent session: ``clean_session=False`` with a
+fixed client id, so QoS 1 commands published while Jarvis is away are kept by the
+broker). A fresh ``aiomqtt.Client`` is made per connection; messages it had already
+received are still handed out before the loss of the connection is reported.
+
+:class:`Outbox` holds outgoing messages until the broker has them, across reconnects.
+
+Foreign errors become :class:`~jarvis.mqtt_schema.MqttConnectionError` (or
+:class:`~jarvis.mqtt_schema.MqttAuthError` when the broker refuses the credentials).
+No message ever contains the password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiomqtt
+
+from jarvis.config import MqttSettings
+from jarvis.mqtt_schema import MqttAuthError, MqttConnectionError
+
+log = logging.getLogger(__name__)
+
+# CONNACK refusals that retrying will not fix (MQTT 3.1.1 codes 2, 4, 5 and their
+# MQTT 5 reason codes): bad client id, bad user name or password, not authorized.
+_AUTH_CODES = {2, 4, 5, 133, 134, 135}
+
+
+@dataclass(frozen=True)
+class Received:
+    """One incoming message."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+
+
+class Connection(Protocol):
+    async def subscribe(self, topic: str, qos: int) -> None: ...
+
+    async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """Returns once the broker has the message (PUBACK for QoS 1)."""
+
+    def messages(self) -> AsyncIterator[Received]:
+        """Incoming messages; raises :class:`MqttConnectionError` when the connection is
+        lost (after the messages already received)."""
+
+
+class Transport(Protocol):
+    def connect(self) -> AbstractAsyncContextManager[Connection]:
+        """Connect (raising MqttConnectionError/MqttAuthError); leaving the context
+        disconnects cleanly, so the last will is not sent."""
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class Backoff:
+    """Exponential backoff with "equal jitter": the n-th delay is uniformly drawn from
+    [d/2, d], d = min(maximum, initial * 2**n). Jitter keeps many satellites from
+    reconnecting in lockstep after a broker restart."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.initial, self.maximum = initial, maximum
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        ceiling = min(self.maximum, self.initial * 2.0 ** min(self.attempt, 32))
+        self.attempt += 1
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class Outbox:
+    """Messages waiting for the broker: urgent (device commands), then ordinary ones in
+    order, then the latest value of each state-like retained topic."""
+
+    def __init__(self, limit: int) -> None:
+        self._urgent: deque[Outgoing] = deque()
+        self._normal: deque[Outgoing] = deque()
+        self._latest: dict[str, Outgoing] = {}
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._inflight = False
+        self.limit = limit
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._urgent) + len(self._normal) + len(self._latest)
+
+    def put(self, item: Outgoing, *, urgent: bool = False, coalesce: bool = False) -> None:
+        if urgent:
+            self._urgent.append(item)
+        elif coalesce:
+            self._latest.pop(item.topic, None)
+            self._latest[item.topic] = item
+        else:
+            if len(self._normal) >= self.limit:
+                self._normal.popleft()
+                self.dropped += 1
+                if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                    log.warning("MQTT outbox full: %d old messages dropped", self.dropped)
+            self._normal.append(item)
+        self._idle.clear()
+        self._wakeup.set()
+
+    def requeue(self, item: Outgoing) -> None:
+        """Put back a message whose publication did not complete."""
+        self._urgent.appendleft(item)
+        self._inflight = False
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def get(self) -> Outgoing:
+        while not len(self):
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if self._urgent:
+            item = self._urgent.popleft()
+        elif self._normal:
+            item = self._normal.popleft()
+        else:
+            item = self._latest.pop(next(iter(self._latest)))
+        self._inflight = True
+        return item
+
+    def done(self) -> None:
+        self._inflight = False
+        if not len(self):
+            self._idle.set()
+
+    async def drained(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class _AiomqttConnection:
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._client = client
+
+    async def subscribe(self, topic: str, qos: int) -> None:
+        try:
+            await self._client.subscribe(topic, qos)
+        except aiomqtt.MqttError as exc:
+            raise MqttConnectionError(f"subscribe to {topic} failed: {exc}") from None
+
+    async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        try:
+            await self._client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise MqttConnectionError(f"publish to {topic} failed: {exc}") from None
+
+    async def messages(self) -> AsyncIterator[Received]:
+        try:
+            async for message in self._client.messages:
+                payload = message.payload
+                yield Received(
+                    message.topic.value,
+                    payload if isinstance(payload, bytes) else str(payload or "").encode(),
+                    message.qos,
+                    bool(message.retain),
+                )
+        except aiomqtt.MqttError as exc:
+            raise MqttConnectionError(f"connection lost: {exc}") from None
+
+
+class AiomqttTransport:
+    """The real transport. ``settings`` supply host, port, credentials, TLS and client id."""
+
+    def __init__(self, settings: MqttSettings, will: Will, *, keepalive: int = 30,
+                 timeout: float = 10.0) -> None:
+        self.settings = settings
+        self.will = will
+        self.keepalive = keepalive
+        self.timeout = timeout
+        self.paho_logger = logging.getLogger("jarvis.mqtt.paho")
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        tls = None
+        if s.tls_ca is not None:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=str(s.tls_ca),
+                certfile=str(s.tls_cert) if s.tls_cert else None,
+                keyfile=str(s.tls_key) if s.tls_key else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        return aiomqtt.Client(
+            s.host, s.port,
+            username=s.username or None,
+            password=s.password or None,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=False,
+            will=aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos,
+                              self.will.retain),
+            keepalive=self.keepalive,
+            timeout=self.timeout,
+            tls_params=tls,
+            logger=self.paho_logger,
+            # Without it Nagle's algorithm holds small packets (a PUBACK, a reply) for
+            # the peer's delayed ACK: about 40 ms per hop on Linux.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+        )
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[Connection]:
+        client = self._client()
+        try:
+            async with client:
+                yield _AiomqttConnection(client)
+        except aiomqtt.MqttCodeError as exc:
+            reason = _reason(exc, self.settings.password)
+            code = getattr(exc.rc, "value", exc.rc)
+            if isinstance(exc, aiomqtt.exceptions.MqttConnectError) and code in _AUTH_CODES:
+                raise MqttAuthError(
+                    f"the broker {self._where()} refused the connection ({reason}): check "
+                    "JARVIS_MQTT_USERNAME, JARVIS_MQTT_PASSWORD and JARVIS_MQTT_CLIENT_ID"
+                ) from None
+            raise MqttConnectionError(f"{self._where()}: {reason}") from None
+        except aiomqtt.MqttError as exc:
+            reason = _reason(exc, self.settings.password)
+            raise MqttConnectionError(f"{self._where()}: {reason}") from None
+
+    def _where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+
+def _reason(exc: BaseException, secret: str) -> str:
+    """The error text, shortened; aiomqtt/paho messages name codes and socket errors
+    only, and the password is masked should one ever appear."""
+    text = (str(exc) or type(exc).__name__)[:200]
+    return text.replace(secret, "********") if secret else text

@@ -26,6 +26,9 @@ bench: setup
 	$(PY) scripts/test_latency.py --iterations 5
 	$(PY) scripts/test_latency.py --concurrent --iterations 5
 	$(PY) bench/cache_bench.py
+	$(PY) bench/speech_bench.py
+	$(PY) bench/voice_bench.py
+	$(PY) bench/mqtt_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from jarvis import __version__
@@ -66,7 +67,22 @@ def _parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer one text request with the local model")
     ask.add_argument("text", help="what you would say to Jarvis")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
+    ask.add_argument("--speak", action="store_true", help="also speak the reply")
+    ask.add_argument("-o", "--output", type=Path, help="with --speak: write a WAV instead")
     ask.set_defaults(handler=_cmd_ask)
+
+    run = sub.add_parser("run", help="the always-on assistant: microphone in, speaker out")
+    run.add_argument("--input", type=Path, help="use a recording as the microphone")
+    run.add_argument("--output", type=Path, help="write each reply as a WAV in this directory")
+    run.add_argument("--no-audio", action="store_true",
+                     help="no sound devices: text in and out over MQTT only (hub mode)")
+    run.set_defaults(handler=_cmd_run)
+
+    converse = sub.add_parser("converse", help="one voice turn from an audio file")
+    converse.add_argument("file", type=Path, help="WAV/FLAC with the request")
+    converse.add_argument("--output", type=Path, help="write the reply as a WAV (else play it)")
+    converse.add_argument("--json", action="store_true")
+    converse.set_defaults(handler=_cmd_converse)
 
     demo = sub.add_parser("demo", help="a few spoken-style requests, then the latency report")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -75,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective settings (secrets masked)")
     config.add_argument("--json", action="store_true")
     config.set_defaults(handler=_cmd_config)
+
+    from jarvis.cli_mqtt import register as register_mqtt
+    from jarvis.cli_speech import register as register_speech
+
+    register_speech(sub)
+    register_mqtt(sub)
 
     cache = sub.add_parser("cache", help="inspect or empty the persistent context cache")
     cache.add_argument("action", choices=("stats", "clear"))
@@ -95,7 +117,46 @@ def _setup_logging(level: str, verbose: bool) -> None:
 
 
 def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    if args.speak or args.output:
+        return asyncio.run(_ask_spoken(args.text, settings, args.output, as_json=args.json))
     return asyncio.run(_ask(args.text, settings, as_json=args.json))
+
+
+async def _ask_spoken(text: str, settings: Settings, output: Path | None, *,
+                      as_json: bool) -> int:
+    from jarvis.assistant import build_assistant
+
+    if not text.strip():
+        raise JarvisError("nothing to ask: the request text is empty")
+    assistant = await build_assistant(settings, listen=False)
+    try:
+        result = await assistant.pipeline.text_turn(text, _sink(settings, output))
+    finally:
+        await assistant.close()
+    _print_turn(result, as_json)
+    return 0
+
+
+def _sink(settings: Settings, output: Path | None, *, directory: bool = False) -> Any:
+    from jarvis.sinks import SpeakerSink, WavReplySink
+
+    if output is None:
+        return SpeakerSink(settings.audio.output_device)
+    return WavReplySink(output, realtime=directory, single_file=not directory)
+
+
+def _print_turn(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"transcript": result.transcript, "reply": result.reply,
+                          "interrupted": result.interrupted, "ignored": result.ignored,
+                          "latency_s": {k: round(v, 4) for k, v in result.latency.items()}},
+                         indent=2))
+        return
+    if result.transcript:
+        print(f"you>    {result.transcript}")
+    print(f"jarvis> {result.reply}")
+    print("        [" + " · ".join(f"{k} {v:.3f} s" for k, v in result.latency.items()) + "]",
+          file=sys.stderr)
 
 
 async def _ask(text: str, settings: Settings, *, as_json: bool) -> int:
@@ -194,6 +255,88 @@ async def _demo(settings: Settings, *, as_json: bool) -> int:
     else:
         print(summary.format_table())
     return 0
+
+
+# --------------------------------------------------------------------------- voice
+
+
+def _cmd_converse(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_converse(args.file, args.output, settings, as_json=args.json))
+
+
+async def _converse(file: Path, output: Path | None, settings: Settings, *,
+                    as_json: bool) -> int:
+    import time
+
+    from jarvis.assistant import build_assistant
+    from jarvis.audio.files import read_audio
+    from jarvis.pipeline import Utterance
+
+    audio = read_audio(file)
+    assistant = await build_assistant(settings, listen=False)
+    try:
+        result = await assistant.pipeline.voice_turn(
+            Utterance(audio.samples, time.monotonic()), _sink(settings, output))
+    finally:
+        await assistant.close()
+    _print_turn(result, as_json)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.no_audio:
+        from jarvis.cli_mqtt import hub_handler
+
+        return hub_handler(args, settings)
+    return asyncio.run(_run(args, settings))
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run until the input ends or SIGINT/SIGTERM; then shut down cleanly."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        return await _run_voice(args, settings)
+    except asyncio.CancelledError:
+        log.info("stopped")
+        return 0
+
+
+async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
+    from jarvis.assistant import build_assistant
+    from jarvis.audio.files import read_audio
+    from jarvis.audio.stream import Microphone
+    from jarvis.pipeline import file_chunks
+
+    assistant = await build_assistant(settings)
+    sink = _sink(settings, args.output, directory=True)
+    assistant.pipeline.subscribe(_log_event)
+    try:
+        if args.input is not None:
+            audio = read_audio(args.input)
+            await assistant.pipeline.run(file_chunks(audio.samples, realtime=True), sink)
+        else:
+            async with Microphone(settings.audio.input_device) as mic:
+                log.info("listening (Ctrl-C to stop)")
+                await assistant.pipeline.run(mic, sink)
+    finally:
+        await assistant.close()
+        print(assistant.tracker.summary().format_table(), file=sys.stderr)
+    return 0
+
+
+def _log_event(event: Any) -> None:
+    from jarvis.events import EventType
+
+    if event.type in (EventType.TRANSCRIPT, EventType.REPLY_DONE):
+        log.info("%s: %s", event.type.value, event.text)
+    elif event.type is EventType.ERROR:
+        log.error("%s failed: %s", event.stage, event.text)
 
 
 # --------------------------------------------------------------------------- config, cache

@@ -255,11 +255,11 @@ VARIABLES: tuple[Variable, ...] = (
     # --- voice activity detection
     Variable("JARVIS_VAD_THRESHOLD", "vad", "threshold", _float(0.01, 0.99), "0.5",
              "Silero speech probability that counts as speech; lower catches quiet voices"),
-    Variable("JARVIS_VAD_SILENCE_MS", "vad", "silence_ms", _int(50, 10000), "400",
+    Variable("JARVIS_VAD_SILENCE_MS", "vad", "silence_ms", _int(50, 10000), "300",
              "silence that ends an utterance; shorter answers sooner but may cut pauses"),
     Variable("JARVIS_VAD_MIN_SPEECH_MS", "vad", "min_speech_ms", _int(0, 10000), "200",
              "shorter bursts of speech (clicks, coughs) are ignored"),
-    Variable("JARVIS_VAD_PREROLL_MS", "vad", "preroll_ms", _int(0, 5000), "300",
+    Variable("JARVIS_VAD_PREROLL_MS", "vad", "preroll_ms", _int(0, 5000), "500",
              "audio kept from before speech onset so the first syllable is never cut"),
     Variable("JARVIS_VAD_MAX_UTTERANCE_S", "vad", "max_utterance_s", _float(1.0, 120.0), "15",
              "an utterance longer than this is cut and transcribed"),
@@ -284,6 +284,16 @@ VARIABLES: tuple[Variable, ...] = (
              "speaking pace: below 1 is faster, above 1 slower"),
     Variable("JARVIS_TTS_PHRASE_CACHE_BYTES", "tts", "phrase_cache_bytes", parse_size, "64MB",
              "disk cache for frequent short replies (\"OK.\", \"Done.\")"),
+    # --- voice pipeline
+    Variable("JARVIS_BARGE_IN", "pipeline", "barge_in", _bool, "false",
+             "speaking over Jarvis stops its reply; leave off without echo cancellation, or "
+             "the speaker's own sound interrupts it"),
+    Variable("JARVIS_WAKE_WORD", "pipeline", "wake_word", _text, "",
+             "phrase that must start a request, e.g. \"hey jarvis\"; empty = always listening"),
+    Variable("JARVIS_FOLLOW_UP_S", "pipeline", "follow_up_s", _float(0.0, 3600.0), "8",
+             "after a reply, seconds during which no wake phrase is needed"),
+    Variable("JARVIS_HISTORY_TURNS", "pipeline", "history_turns", _int(0, 1000), "8",
+             "conversation turns kept as context (older ones are dropped first)"),
     # --- MQTT
     Variable("JARVIS_SITE", "mqtt", "site", _text, "default",
              "name of this assistant (room/satellite); used in topics and client id"),
@@ -404,6 +414,16 @@ class TtsSettings:
 
 
 @dataclass(frozen=True)
+class PipelineSettings:
+    """The always-on voice loop."""
+
+    barge_in: bool
+    wake_word: str
+    follow_up_s: float
+    history_turns: int
+
+
+@dataclass(frozen=True)
 class MqttSettings:
     """The MQTT bridge; ``enabled`` when a host is set."""
 
@@ -449,6 +469,7 @@ class Settings:
     vad: VadSettings
     asr: AsrSettings
     tts: TtsSettings
+    pipeline: PipelineSettings
     mqtt: MqttSettings
     latency: LatencySettings
     general: GeneralSettings
@@ -474,6 +495,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "vad": VadSettings,
     "asr": AsrSettings,
     "tts": TtsSettings,
+    "pipeline": PipelineSettings,
     "mqtt": MqttSettings,
     "latency": LatencySettings,
     "general": GeneralSettings,

@@ -5,9 +5,18 @@
     JarvisError                    base: caught by the CLI, printed as one line, exit status 2
     ├── ConfigError                a JARVIS_* setting is invalid (variable, value, what is allowed)
     ├── ModelError                 a model file is missing, unreadable or not usable
-    └── BackendError               the LLM backend failed while serving a request
-        ├── PromptTooLongError     the prompt does not fit the context window
-        └── BackendClosedError     the backend was used before start() or after close()
+    ├── BackendError               the LLM backend failed while serving a request
+    │   ├── PromptTooLongError     the prompt does not fit the context window
+    │   └── BackendClosedError     the backend was used before start() or after close()
+    ├── AudioError                 audio could not be read, written, captured or played
+    │   ├── AudioFormatError       a file is corrupt, truncated or in a format we cannot read
+    │   └── AudioDeviceError       no sound device, unknown/ambiguous device, PortAudio missing
+    ├── AsrError                   speech recognition failed (bad input array, engine error)
+    ├── TtsError                   nothing to say (empty text) or synthesis failed
+    └── MqttError                  the MQTT bridge (tree in jarvis/mqtt.py)
+
+The speech and MQTT errors live beside their code (jarvis/audio/errors.py, asr.py,
+tts.py, mqtt_schema.py); ``DeviceMapError`` is a ConfigError.
 
 Foreign exceptions (llama.cpp, OS errors) are wrapped with ``raise ... from`` so the
 cause stays visible in debug logs while the user sees one clear line.

@@ -22,6 +22,7 @@ TITLES = {
     "vad": "Voice activity detection",
     "asr": "Speech recognition (faster-whisper)",
     "tts": "Text to speech (piper)",
+    "pipeline": "Voice pipeline",
     "mqtt": "MQTT and home automation",
     "latency": "Latency tracker",
     "general": "General",

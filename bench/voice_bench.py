@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Voice-to-voice latency: from the last voiced sample of a spoken request to the
+first sample of the spoken reply, endpoint silence included, on the starter models.
+
+20 spoken requests (the benchmark dialogues, synthesised by piper and resampled to
+16 kHz) are fed to the pipeline as a live microphone would deliver them (real-time
+pacing), each after the previous reply has finished. In the same run the plain
+sequential approach answers the same requests: wait for the endpoint, transcribe the
+30 s-padded utterance with faster-whisper's defaults, wait for the whole reply,
+synthesise all of it, then play. Then a few barge-ins: how long stopping takes.
+
+    python bench/voice_bench.py [--requests 20] [--barge-ins 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jarvis.assistant import Assistant, build_assistant
+from jarvis.audio.formats import ASR_RATE, to_float32
+from jarvis.audio.resample import resample
+from jarvis.config import load_settings
+from jarvis.dialogue import Conversation
+from jarvis.events import EventType, PipelineEvent
+from jarvis.latency import percentile
+from jarvis.pipeline import VoicePipeline, file_chunks
+from jarvis.sinks import WavReplySink
+from jarvis.workload import DIALOGUES
+
+
+def speech(a: Assistant, text: str) -> np.ndarray:
+    return resample(to_float32(a.tts.synthesize(text)), a.tts.sample_rate, ASR_RATE)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    mean = statistics.fmean(values)
+    std = statistics.pstdev(values)
+    return {"n": len(values), "mean_s": mean, "median_s": percentile(ordered, 50),
+            "p95_s": percentile(ordered, 95), "std_s": std, "std_over_mean": std / mean}
+
+
+async def turns_source(pipeline: VoicePipeline, requests: list[np.ndarray],
+                       gap_s: float = 0.8) -> AsyncIterator[np.ndarray]:
+    """A microphone: each request in real time, the next one after the reply ended."""
+    done = asyncio.Event()
+
+    def on_event(event: PipelineEvent) -> None:
+        if event.type in (EventType.REPLY_DONE, EventType.IGNORED, EventType.ERROR):
+            done.set()
+
+    pipeline.subscribe(on_event)
+    for audio in requests:
+        done.clear()
+        async for chunk in file_chunks(audio, realtime=True, tail_silence_s=0.0):
+            yield chunk
+        while not done.is_set():
+            yield np.zeros(512, dtype=np.float32)
+            await asyncio.sleep(0.032)
+        async for chunk in file_chunks(np.zeros(int(gap_s * ASR_RATE), np.float32),
+                                       realtime=True, tail_silence_s=0.0):
+            yield chunk
+
+
+async def ours(a: Assistant, texts: list[str], audios: list[np.ndarray], out: Path
+               ) -> tuple[list[float], list[dict[str, float]]]:
+    pipeline = VoicePipeline(a.backend, a.asr, a.tts, a.pipeline.settings,
+                             a.pipeline.conversation.system_prompt,
+                             endpointer=a.pipeline.endpointer,
+                             silence_ms=int(a.pipeline.silence_s * 1000))
+    results: list[dict[str, float]] = []
+
+    def on_event(event: PipelineEvent) -> None:
+        if event.type is EventType.REPLY_DONE:
+            results.append(dict(event.data))
+            print(f"  [pipeline {len(results):>2}/{len(texts)}] voice-to-voice "
+                  f"{event.data.get('voice_to_voice_s', float('nan')):.3f} s  "
+                  f"(asr {event.data.get('asr_s', 0):.3f}, llm ttft "
+                  f"{event.data.get('llm_ttft_s', 0):.3f}, first audio after ttft "
+                  f"{event.data.get('tts_first_s', 0):.3f})", flush=True)
+
+    pipeline.subscribe(on_event)
+    await pipeline.run(turns_source(pipeline, audios), WavReplySink(out))
+    return [r["voice_to_voice_s"] for r in results if "voice_to_voice_s" in r], results
+
+
+async def plain(a: Assistant, texts: list[str], audios: list[np.ndarray],
+                silence_s: float) -> list[float]:
+    """Endpoint, padded transcription, whole reply, whole synthesis, then play."""
+    conversation = Conversation(a.pipeline.conversation.system_prompt)
+    totals = []
+    for i, audio in enumerate(audios):
+        t0 = time.monotonic()
+        transcript = await asyncio.to_thread(a.asr.transcribe_reference, audio)
+        reply, _ = await a.backend.complete(conversation.messages(transcript.text))
+        conversation.add_turn(transcript.text, reply)
+        if reply.strip():
+            await asyncio.to_thread(a.tts.synthesize, reply)
+        totals.append(silence_s + time.monotonic() - t0)
+        print(f"  [plain    {i + 1:>2}/{len(audios)}] voice-to-voice {totals[-1]:.3f} s",
+              flush=True)
+    return totals
+
+
+async def barge_ins(a: Assistant, count: int, out: Path) -> list[float]:
+    from dataclasses import replace
+
+    story = speech(a, "Tell me a long story about a brave little dragon.")
+    interrupt = speech(a, "What time is it now?")
+    stops: list[float] = []
+    for _ in range(count):
+        pipeline = VoicePipeline(a.backend, a.asr, a.tts,
+                                 replace(a.pipeline.settings, barge_in=True),
+                                 a.pipeline.conversation.system_prompt,
+                                 endpointer=a.pipeline.endpointer,
+                                 silence_ms=int(a.pipeline.silence_s * 1000))
+        playing = asyncio.Event()
+
+        def on_event(e: PipelineEvent, p: asyncio.Event = playing) -> None:
+            if e.type is EventType.FIRST_AUDIO:
+                p.set()
+            elif e.type is EventType.BARGE_IN:
+                stops.append(e.data["stop_s"])
+
+        pipeline.subscribe(on_event)
+
+        async def source(p: asyncio.Event = playing) -> AsyncIterator[np.ndarray]:
+            async for chunk in file_chunks(story, realtime=True, tail_silence_s=0.0):
+                yield chunk
+            while not p.is_set():
+                yield np.zeros(512, dtype=np.float32)
+                await asyncio.sleep(0.032)
+            async for chunk in file_chunks(np.concatenate([np.zeros(8000, np.float32),
+                                                           interrupt]), realtime=True):
+                yield chunk
+
+        await pipeline.run(source(), WavReplySink(out, realtime=True))
+    return stops
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings()
+        a = await build_assistant(settings)
+        try:
+            texts = [t for dialogue in DIALOGUES for t in dialogue][: args.requests]
+            audios = [np.concatenate([speech(a, t), np.zeros(int(0.3 * ASR_RATE), np.float32)])
+                      for t in texts]
+            print(f"{len(texts)} spoken requests; endpoint silence {settings.vad.silence_ms} ms; "
+                  f"assistant ready in {a.ready_s:.1f} s", flush=True)
+            mine, details = await ours(a, texts, audios, Path(tmp) / "ours")
+            base = await plain(a, texts, audios, settings.vad.silence_ms / 1000)
+            stops = await barge_ins(a, args.barge_ins, Path(tmp) / "barge")
+        finally:
+            await a.close()
+    p, b = stats(mine), stats(base)
+    stages = {k: statistics.median(d[k] for d in details if k in d)
+              for k in ("endpoint_s", "asr_s", "llm_ttft_s", "tts_first_s")}
+    report: dict[str, Any] = {"pipeline": p, "plain": b, "barge_in_stop_s": stops,
+                              "stages": stages}
+    print()
+    print(f"{'approach':<12} {'n':>3} {'median':>8} {'mean':>8} {'p95':>8} {'std':>8} "
+          f"{'std/mean':>9}")
+    for name, row in (("pipeline", p), ("plain", b)):
+        print(f"{name:<12} {row['n']:>3} {row['median_s']:>7.3f}s {row['mean_s']:>7.3f}s "
+              f"{row['p95_s']:>7.3f}s {row['std_s']:>7.3f}s {row['std_over_mean']:>8.1%}")
+    print(f"\nplain / pipeline median: {b['median_s'] / p['median_s']:.2f}x")
+    print("pipeline median stages: " + ", ".join(f"{k} {v * 1000:.0f} ms"
+                                                 for k, v in stages.items()))
+    print("targets: median <= 0.800 s, p95 <= 1.200 s, std < 25 % of mean")
+    if stops:
+        print(f"barge-in: playback stopped {', '.join(f'{s * 1000:.0f} ms' for s in stops)} "
+              "after speech onset was detected (target <= 100 ms)")
+    return report
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=20)
+    p.add_argument("--barge-ins", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    report = asyncio.run(main_async(args))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The endpointing state machine (pure, property-tested) and Silero VAD on real speech."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from jarvis.asr import word_error_rate
+from jarvis.audio import (
+    ASR_RATE,
+    Endpointer,
+    EndReason,
+    FramesDropped,
+    Segmenter,
+    SegmenterConfig,
+    SpeechStarted,
+    UtteranceEnded,
+    VadEvent,
+    file_source,
+)
+from jarvis.audio.silero import FRAME
+from tests.test_speech_support import (
+    JFK,
+    JFK_TEXT,
+    default_settings,
+    jfk_audio,
+    loaded_asr,
+    loaded_vad,
+    silence,
+    spoken,
+)
+
+# --------------------------------------------------------------------------- state machine
+
+RATE = 1000  # 1 sample per ms keeps the arithmetic readable
+
+
+def config(**overrides: float) -> SegmenterConfig:
+    values: dict[str, float] = dict(threshold=0.5, silence_ms=100, min_speech_ms=30,
+                                    preroll_ms=20, max_utterance_s=1.0)
+    values.update(overrides)
+    return SegmenterConfig(sample_rate=RATE, **values)  # type: ignore[arg-type]
+
+
+def run(segmenter: Segmenter, frames: list[tuple[int, float]]) -> tuple[np.ndarray,
+                                                                        list[VadEvent]]:
+    """Push frames of the given lengths and probabilities; every sample is unique."""
+    events: list[VadEvent] = []
+    pos = 0
+    pieces = []
+    for length, prob in frames:
+        frame = np.arange(pos, pos + length, dtype=np.float32)
+        pieces.append(frame)
+        events += segmenter.push(frame, prob)
+        pos += length
+    events += segmenter.flush()
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.float32)), events
+
+
+def utterances(events: list[VadEvent]) -> list[UtteranceEnded]:
+    return [e for e in events if isinstance(e, UtteranceEnded)]
+
+
+frame_lists = st.lists(
+    st.tuples(st.integers(1, 40), st.floats(0.0, 1.0)), min_size=0, max_size=120
+)
+configs = st.builds(
+    config,
+    threshold=st.floats(0.3, 0.8),
+    silence_ms=st.integers(1, 150),
+    min_speech_ms=st.integers(0, 80),
+    preroll_ms=st.integers(0, 60),
+    max_utterance_s=st.floats(0.05, 0.5),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=frame_lists, cfg=configs)
+def test_segments_plus_dropped_frames_reproduce_the_input_exactly(
+    frames: list[tuple[int, float]], cfg: SegmenterConfig
+) -> None:
+    segmenter = Segmenter(cfg)
+    stream, events = run(segmenter, frames)
+    pieces = [e for e in events if isinstance(e, UtteranceEnded | FramesDropped)]
+    rebuilt = np.concatenate([p.audio for p in pieces]) if pieces else np.zeros(0)
+    assert np.array_equal(rebuilt, stream)  # nothing lost, nothing twice, in order
+    position = 0
+    for piece in pieces:  # and each piece says where it was
+        assert piece.start_sample == position
+        position += len(piece.audio)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=frame_lists, cfg=configs)
+def test_every_utterance_is_announced_and_respects_the_limits(
+    frames: list[tuple[int, float]], cfg: SegmenterConfig
+) -> None:
+    # Real configurations have room for the pre-roll plus a frame or two (15 s vs 0.3 s).
+    assume(cfg.max_utterance_s * 1000 >= cfg.preroll_ms + 2 * 40)
+    segmenter = Segmenter(cfg)
+    _, events = run(segmenter, frames)
+    probs = {}  # first sample of each frame -> probability
+    pos = 0
+    for length, prob in frames:
+        probs[pos] = (length, prob)
+        pos += length
+    started: SpeechStarted | None = None
+    max_len = cfg.samples(cfg.max_utterance_s * 1000)
+    for event in events:
+        if isinstance(event, SpeechStarted):
+            assert started is None
+            started = event
+        elif isinstance(event, UtteranceEnded):
+            assert started is not None and started.start_sample == event.start_sample
+            assert started.onset_sample - event.start_sample <= cfg.samples(cfg.preroll_ms) + 40
+            last_frame = len(event.audio) and probs[max(p for p in probs if p < event.end_sample)]
+            assert len(event.audio) < max_len + (last_frame[0] if last_frame else 0)
+            speech = sum(n for p, (n, pr) in probs.items()
+                         if event.start_sample <= p < event.end_sample and pr >= cfg.threshold)
+            assert speech >= cfg.samples(cfg.min_speech_ms)
+            started = None
+    assert started is None and not segmenter.in_speech  # flush closed everything
+
+
+def test_preroll_keeps_the_audio_before_the_first_speech_frame() -> None:
+    seg = Segmenter(config(preroll_ms=20, min_speech_ms=0))
+    _, events = run(seg, [(10, 0.0)] * 5 + [(10, 0.9)] * 5 + [(10, 0.0)] * 10)
+    (utt,) = utterances(events)
+    assert [e for e in events if isinstance(e, SpeechStarted)] == [SpeechStarted(30, 50)]
+    assert utt.start_sample == 30
+    assert utt.reason is EndReason.SILENCE
+    # pre-roll + speech + the silence that ended it, less what becomes the next pre-roll
+    assert len(utt.audio) == 20 + 50 + 100 - 20
+
+
+def test_speech_right_after_the_silence_timer_still_gets_its_preroll() -> None:
+    seg = Segmenter(config(silence_ms=100, preroll_ms=20, min_speech_ms=0))
+    _, events = run(seg, [(10, 0.9)] * 5 + [(10, 0.0)] * 10 + [(10, 0.9)] * 5)
+    first, second = utterances(events)
+    assert first.reason is EndReason.SILENCE and second.reason is EndReason.END_OF_STREAM
+    assert second.start_sample == first.end_sample == 150 - 20  # 20 ms of the silence
+    assert [e.onset_sample for e in events if isinstance(e, SpeechStarted)] == [0, 150]
+
+
+def test_a_click_shorter_than_min_speech_is_not_an_utterance() -> None:
+    seg = Segmenter(config(min_speech_ms=50))
+    _, events = run(seg, [(10, 0.0)] * 3 + [(10, 0.99)] * 3 + [(10, 0.0)] * 30)
+    assert not utterances(events) and not any(isinstance(e, SpeechStarted) for e in events)
+
+
+def test_pauses_shorter_than_the_silence_limit_stay_in_one_utterance() -> None:
+    seg = Segmenter(config(silence_ms=100))
+    frames = [(10, 0.9)] * 10 + [(10, 0.1)] * 9 + [(10, 0.9)] * 10 + [(10, 0.1)] * 10
+    _, events = run(seg, frames)
+    assert len(utterances(events)) == 1
+
+
+def test_hysteresis_values_between_the_thresholds_do_not_start_silence() -> None:
+    seg = Segmenter(config(threshold=0.5, silence_ms=50))  # silence below 0.35
+    _, events = run(seg, [(10, 0.9)] * 5 + [(10, 0.4)] * 20 + [(10, 0.9)] * 5)
+    (utt,) = utterances(events)
+    assert utt.reason is EndReason.END_OF_STREAM and len(utt.audio) == 300 + 0
+
+
+def test_long_speech_is_cut_at_the_maximum_length() -> None:
+    seg = Segmenter(config(max_utterance_s=0.2, min_speech_ms=0, preroll_ms=0))
+    _, events = run(seg, [(10, 0.9)] * 50)
+    lengths = [len(u.audio) for u in utterances(events)]
+    assert lengths == [200, 200, 100]
+    assert [u.reason for u in utterances(events)] == [EndReason.MAX_LENGTH] * 2 + [
+        EndReason.END_OF_STREAM]
+
+
+def test_settings_map_to_the_config() -> None:
+    vad = dataclasses.replace(default_settings().vad, threshold=0.6, silence_ms=450,
+                              min_speech_ms=150, preroll_ms=250, max_utterance_s=9.5)
+    cfg = SegmenterConfig.from_settings(vad)
+    assert (cfg.threshold, cfg.silence_ms, cfg.min_speech_ms, cfg.preroll_ms,
+            cfg.max_utterance_s, cfg.sample_rate) == (0.6, 450, 150, 250, 9.5, ASR_RATE)
+    assert cfg.off_threshold == pytest.approx(0.45)
+
+
+# --------------------------------------------------------------------------- Silero
+
+
+def test_silero_scores_a_stream_the_same_however_it_is_chunked() -> None:
+    vad = loaded_vad()
+    audio = jfk_audio()[: 200 * FRAME]
+    vad.reset()
+    whole = vad.score(audio)
+    vad.reset()
+    pieces = [vad.score(audio[i:i + 7 * FRAME]) for i in range(0, len(audio), 7 * FRAME)]
+    assert np.allclose(np.concatenate(pieces), whole, atol=1e-5)
+    assert whole.max() > 0.9  # speech
+    vad.reset()
+    assert vad.score(silence(1.0)[: 31 * FRAME]).max() < 0.1
+
+
+def _segment(audio: np.ndarray, silence_ms: int | None = None) -> list[VadEvent]:
+    cfg = SegmenterConfig.from_settings(default_settings().vad)
+    if silence_ms is not None:
+        cfg = dataclasses.replace(cfg, silence_ms=silence_ms)
+    return Endpointer(cfg, loaded_vad()).segment_all(audio)
+
+
+COMMAND = "Turn on the kitchen lights."
+
+
+def _jfk_pause_command() -> np.ndarray:
+    return np.concatenate([silence(0.5), jfk_audio(), silence(2.0), spoken(COMMAND),
+                           silence(2.0)])
+
+
+@pytest.mark.slow
+def test_default_endpointing_splits_real_speech_at_its_pauses() -> None:
+    # Kennedy pauses for about a second between phrases: with the default 400 ms of
+    # silence each phrase is an utterance, and together they are the whole speech.
+    utts = utterances(_segment(_jfk_pause_command()))
+    assert len(utts) == 5, [(u.start_sample / ASR_RATE, u.duration_s) for u in utts]
+    asr = loaded_asr()
+    texts = [asr.transcribe(u.audio).text for u in utts]
+    assert word_error_rate(JFK_TEXT, " ".join(texts[:4])) <= 0.1, texts
+    assert word_error_rate(COMMAND, texts[4]) == 0.0, texts
+
+
+@pytest.mark.slow
+def test_a_longer_silence_limit_gives_one_utterance_per_speaker_turn() -> None:
+    events = _segment(_jfk_pause_command(), silence_ms=1500)
+    utts = utterances(events)
+    assert len(utts) == 2, [(u.start_sample / ASR_RATE, u.duration_s) for u in utts]
+    assert all(u.reason is EndReason.SILENCE for u in utts)
+    # The cut falls inside the 2 s pause; each utterance starts with its pre-roll.
+    pause_start = int(11.5 * ASR_RATE)
+    assert pause_start <= utts[0].end_sample <= utts[1].start_sample <= pause_start + 2 * ASR_RATE
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    preroll = default_settings().vad.preroll_ms * ASR_RATE // 1000
+    assert len(starts) == 2
+    assert all(preroll <= s.onset_sample - s.start_sample < preroll + FRAME for s in starts)
+    asr = loaded_asr()
+    first, second = (asr.transcribe(u.audio).text for u in utts)
+    assert word_error_rate(JFK_TEXT, first) <= 0.1, first
+    assert word_error_rate(COMMAND, second) == 0.0, second
+
+
+@pytest.mark.slow
+def test_endpointer_streams_a_file_off_the_event_loop() -> None:
+    async def collect() -> list[VadEvent]:
+        endpointer = Endpointer(default_settings().vad, loaded_vad())
+        return [e async for e in endpointer.segment(file_source(JFK, chunk_s=0.05))]
+
+    events = asyncio.run(collect())
+    utts = utterances(events)
+    assert utts and sum(len(u.audio) for u in utts) > 9 * ASR_RATE
+    rebuilt = np.concatenate([e.audio for e in events
+                              if isinstance(e, UtteranceEnded | FramesDropped)])
+    assert np.array_equal(rebuilt, jfk_audio())

@@ -34,7 +34,7 @@ from jarvis.config import load_settings
 from jarvis.dialogue import Conversation
 from jarvis.events import EventType, PipelineEvent
 from jarvis.latency import percentile
-from jarvis.pipeline import VoicePipeline, file_chunks
+from jarvis.pipeline import VoicePipeline, file_chunks, spoken_turns
 from jarvis.sinks import WavReplySink
 from jarvis.workload import DIALOGUES
 
@@ -49,28 +49,6 @@ def stats(values: list[float]) -> dict[str, float]:
     std = statistics.pstdev(values)
     return {"n": len(values), "mean_s": mean, "median_s": percentile(ordered, 50),
             "p95_s": percentile(ordered, 95), "std_s": std, "std_over_mean": std / mean}
-
-
-async def turns_source(pipeline: VoicePipeline, requests: list[np.ndarray],
-                       gap_s: float = 0.8) -> AsyncIterator[np.ndarray]:
-    """A microphone: each request in real time, the next one after the reply ended."""
-    done = asyncio.Event()
-
-    def on_event(event: PipelineEvent) -> None:
-        if event.type in (EventType.REPLY_DONE, EventType.IGNORED, EventType.ERROR):
-            done.set()
-
-    pipeline.subscribe(on_event)
-    for audio in requests:
-        done.clear()
-        async for chunk in file_chunks(audio, realtime=True, tail_silence_s=0.0):
-            yield chunk
-        while not done.is_set():
-            yield np.zeros(512, dtype=np.float32)
-            await asyncio.sleep(0.032)
-        async for chunk in file_chunks(np.zeros(int(gap_s * ASR_RATE), np.float32),
-                                       realtime=True, tail_silence_s=0.0):
-            yield chunk
 
 
 async def ours(a: Assistant, texts: list[str], audios: list[np.ndarray], out: Path
@@ -91,7 +69,7 @@ async def ours(a: Assistant, texts: list[str], audios: list[np.ndarray], out: Pa
                   f"{event.data.get('tts_first_s', 0):.3f})", flush=True)
 
     pipeline.subscribe(on_event)
-    await pipeline.run(turns_source(pipeline, audios), WavReplySink(out))
+    await pipeline.run(spoken_turns(pipeline, audios), WavReplySink(out))
     return [r["voice_to_voice_s"] for r in results if "voice_to_voice_s" in r], results
 
 

@@ -24,7 +24,7 @@ log = logging.getLogger("jarvis")
 _QUIET_COMMANDS = {"ask", "config", "cache"}
 
 DEMO_REQUESTS = (
-    "Hey Jarvis, what can you help me with?",
+    "Hello Jarvis, what can you help me with?",
     "What's the capital of France?",
     "And roughly how many people live there?",
     "Give me a quick tip for sleeping better.",
@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     converse.add_argument("--json", action="store_true")
     converse.set_defaults(handler=_cmd_converse)
 
-    demo = sub.add_parser("demo", help="a few spoken-style requests, then the latency report")
+    demo = sub.add_parser("demo", help="spoken requests through the voice pipeline, then the "
+                          "latency report")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(handler=_cmd_demo)
 
@@ -221,39 +222,54 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _demo(settings: Settings, *, as_json: bool) -> int:
-    from jarvis.backends.llama_cpp import LlamaCppBackend
-    from jarvis.dialogue import Conversation
-    from jarvis.latency import LatencyTracker
+    """Spoken requests (synthesised by the bundled voice) through the whole voice
+    pipeline in real time, replies written as WAVs; then the latency report."""
+    import tempfile
 
-    tracker = LatencyTracker(spike_threshold_s=settings.latency.spike_threshold_s)
-    conversation = Conversation(settings.llm.system_prompt)
-    async with LlamaCppBackend(settings.llm, settings.cache) as backend:
-        info = backend.info()
+    from jarvis.assistant import build_assistant
+    from jarvis.audio.formats import ASR_RATE, to_float32
+    from jarvis.audio.resample import resample
+    from jarvis.events import EventType, PipelineEvent
+    from jarvis.pipeline import spoken_turns
+    from jarvis.sinks import WavReplySink
+
+    assistant = await build_assistant(settings)
+    out = Path(tempfile.mkdtemp(prefix="jarvis-demo-"))
+    try:
         if not as_json:
-            print(f"Jarvis demo · model {settings.llm.model_path.name} · {info['gpu']} · "
-                  f"{settings.llm.n_threads} threads · ready in "
-                  f"{info['load_s'] + info['warmup_s']:.2f} s\n")
-        for text in DEMO_REQUESTS:
-            if not as_json:
-                print(f"you>    {text}\njarvis> ", end="", flush=True)
-            stream = backend.stream_chat(conversation.messages(text))
-            pieces: list[str] = []
-            async for piece in stream:
-                pieces.append(piece)
-                if not as_json:
-                    print(piece, end="", flush=True)
-            assert stream.stats is not None
-            conversation.add_turn(text, "".join(pieces))
-            tracker.record(stream.stats.to_record(label="demo"))
-            if not as_json:
-                print(f"\n        {_stats_line(stream.stats)}\n")
-        cache_stats = backend.cache.stats()
-    summary = tracker.summary()
+            print(f"Jarvis demo · {settings.llm.model_path.name} · "
+                  f"{assistant.backend.info()['gpu']} · ready in {assistant.ready_s:.1f} s\n"
+                  "Each request is spoken by the bundled voice and fed to the pipeline as a "
+                  "microphone would deliver it.\n", flush=True)
+
+        def show(event: PipelineEvent) -> None:
+            if as_json:
+                return
+            if event.type is EventType.TRANSCRIPT:
+                print(f"heard>  {event.text}", flush=True)
+            elif event.type is EventType.REPLY_DONE:
+                v2v = event.data.get("voice_to_voice_s")
+                print(f"jarvis> {event.text}\n        [voice to voice "
+                      f"{v2v if v2v is None else round(v2v, 3)} s]\n", flush=True)
+            elif event.type is EventType.ERROR:
+                print(f"error>  {event.stage}: {event.text}", flush=True)
+
+        assistant.pipeline.subscribe(show)
+        requests = [resample(to_float32(assistant.tts.synthesize(text)),
+                             assistant.tts.sample_rate, ASR_RATE) for text in DEMO_REQUESTS]
+        sink = WavReplySink(out)
+        await assistant.pipeline.run(spoken_turns(assistant.pipeline, requests), sink)
+        cache_stats = assistant.backend.cache.stats()
+    finally:
+        await assistant.close()
+    summary = assistant.tracker.summary()
     if as_json:
-        print(json.dumps({"latency": summary.to_dict(), "cache": cache_stats.to_dict()},
-                         indent=2))
+        print(json.dumps({"latency": summary.to_dict(), "cache": cache_stats.to_dict(),
+                          "replies": [str(p) for p in sink.written]}, indent=2))
     else:
+        print("Voice-to-voice latency (last voiced sample -> first reply audio):")
         print(summary.format_table())
+        print(f"\nreplies written to {out}")
     return 0
 
 

@@ -422,3 +422,26 @@ async def file_chunks(audio: npt.ArrayLike, *, realtime: bool, chunk_s: float = 
             if delay > 0:
                 await asyncio.sleep(delay)
         yield samples[i:i + step]
+
+
+async def spoken_turns(pipeline: VoicePipeline, requests: list[npt.NDArray[np.float32]],
+                       gap_s: float = 0.8) -> AsyncIterator[npt.NDArray[np.float32]]:
+    """A microphone for demos and benchmarks: each request (16 kHz) in real time, the
+    next one only after the pipeline has answered the previous one."""
+    answered = asyncio.Event()
+
+    def on_event(event: PipelineEvent) -> None:
+        if event.type in (EventType.REPLY_DONE, EventType.IGNORED, EventType.ERROR):
+            answered.set()
+
+    pipeline.subscribe(on_event)
+    for audio in requests:
+        answered.clear()
+        async for chunk in file_chunks(audio, realtime=True, tail_silence_s=0.0):
+            yield chunk
+        while not answered.is_set():
+            yield np.zeros(512, dtype=np.float32)
+            await asyncio.sleep(0.032)
+        async for chunk in file_chunks(np.zeros(int(gap_s * ASR_RATE), np.float32),
+                                       realtime=True, tail_silence_s=0.0):
+            yield chunk

@@ -332,7 +332,14 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
     assistant = await build_assistant(settings)
     sink = _sink(settings, args.output, directory=True)
     assistant.pipeline.subscribe(_log_event)
+    bridge_task: asyncio.Task[None] | None = None
+    stop_bridge = asyncio.Event()
     try:
+        if settings.mqtt.enabled:
+            from jarvis.voice_mqtt import attach_mqtt
+
+            bridge, _ = await attach_mqtt(settings, assistant.backend, assistant.pipeline, sink)
+            bridge_task = asyncio.create_task(bridge.run(stop_bridge))
         if args.input is not None:
             audio = read_audio(args.input)
             await assistant.pipeline.run(file_chunks(audio.samples, realtime=True), sink)
@@ -341,6 +348,9 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
                 log.info("listening (Ctrl-C to stop)")
                 await assistant.pipeline.run(mic, sink)
     finally:
+        if bridge_task is not None:
+            stop_bridge.set()  # publishes "offline" and flushes before returning
+            await asyncio.shield(asyncio.wait({bridge_task}, timeout=10))
         await assistant.close()
         print(assistant.tracker.summary().format_table(), file=sys.stderr)
     return 0

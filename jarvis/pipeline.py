@@ -22,7 +22,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -101,6 +101,9 @@ class VoicePipeline:
         self.silence_s = silence_ms / 1000.0
         self.conversation = Conversation(system_prompt, max_turns=settings.history_turns)
         self.muted = False
+        self.intercept: Callable[[str], Awaitable[str | None]] | None = None
+        """Optional fast path tried before the LLM (the MQTT device matcher): returns the
+        reply to speak, or None to let the model answer."""
         self._listeners: list[Listener] = []
         self._reply: asyncio.Task[TurnResult] | None = None
         self._follow_up_until = 0.0
@@ -203,15 +206,20 @@ class VoicePipeline:
             self.emit(EventType.IGNORED, transcript.text)
             return TurnResult(transcript.text, ignored=True, latency=latency)
         if not request:  # the wake phrase alone: acknowledge, then listen without it
-            await self._acknowledge(sink)
+            await self._say(ACKNOWLEDGEMENT, sink)
             return TurnResult(transcript.text, reply=ACKNOWLEDGEMENT, latency=latency)
+        if self.intercept is not None and (handled := await self.intercept(request)) is not None:
+            await self._say(handled, sink)  # e.g. a device command, done without the LLM
+            self.conversation.add_turn(request, handled)
+            self.emit(EventType.REPLY_DONE, handled, interrupted=False)
+            return TurnResult(transcript.text, reply=handled, latency=latency)
         return await self._run_reply(transcript.text, request, sink, utterance.last_voice_at,
                                      latency)
 
-    async def _acknowledge(self, sink: AudioSink) -> None:
-        self._follow_up_until = time.monotonic() + self.settings.follow_up_s
+    async def _say(self, text: str, sink: AudioSink) -> None:
+        """Speak a fixed text (no LLM), then keep listening without the wake phrase."""
         try:
-            await sink.play(self.tts.stream(ACKNOWLEDGEMENT), self.tts.sample_rate)
+            await sink.play(self.tts.stream(text), self.tts.sample_rate)
         except JarvisError as exc:
             self.emit(EventType.ERROR, str(exc), "tts")
         self._follow_up_until = time.monotonic() + self.settings.follow_up_s

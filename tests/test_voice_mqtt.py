@@ -1,0 +1,74 @@
+"""MQTT inside the running voice assistant, with a real mosquitto and real models: a
+spoken device command is published to the device's topic without the LLM, the
+pipeline's state and transcripts reach MQTT, and ``cmd/mute`` mutes the microphone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jarvis.assistant import build_assistant
+from jarvis.audio.formats import ASR_RATE, to_float32
+from jarvis.audio.resample import resample
+from jarvis.events import EventType, PipelineEvent
+from jarvis.pipeline import spoken_turns
+from jarvis.sinks import WavReplySink
+from jarvis.voice_mqtt import attach_mqtt
+from tests.conftest import make_settings
+from tests.test_mqtt_support import Mosquitto, mosquitto, probe  # noqa: F401
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_spoken_device_command_and_pipeline_events_over_mqtt(
+    mosquitto: Mosquitto, tmp_path: Path  # noqa: F811
+) -> None:
+    settings = make_settings(tmp_path, **mosquitto.env(
+        SITE="kitchen", DEVICES_FILE=str(ROOT / "config" / "devices.example.toml"),
+        MAX_TOKENS="16"))
+    base = settings.mqtt.base_topic
+
+    async def run() -> tuple[list[PipelineEvent], list[tuple[str, bytes]]]:
+        assistant = await build_assistant(settings)
+        events: list[PipelineEvent] = []
+        assistant.pipeline.subscribe(events.append)
+        sink = WavReplySink(tmp_path / "out")
+        bridge, voice = await attach_mqtt(settings, assistant.backend, assistant.pipeline, sink)
+        stop = asyncio.Event()
+        task = asyncio.create_task(bridge.run(stop))
+        try:
+            async with probe(mosquitto.port, "zigbee2mqtt/#", f"{base}/#") as p:
+                await p.wait_for(lambda t, b: t == f"{base}/availability" and b == b"online")
+                request = resample(to_float32(assistant.tts.synthesize(
+                    "Turn on the kitchen light.")), assistant.tts.sample_rate, ASR_RATE)
+                heard_at = len(p.messages)
+                await assistant.pipeline.run(spoken_turns(assistant.pipeline, [request]), sink)
+                topic, payload = await p.wait_for(lambda t, b: t.startswith("zigbee2mqtt/"),
+                                                  start=heard_at)
+                assert topic == "zigbee2mqtt/kitchen_light/set"
+                assert json.loads(payload) == {"state": "ON"}
+                await p.wait_for(lambda t, b: t == f"{base}/transcript", start=heard_at)
+                await p.publish(f"{base}/cmd/mute", json.dumps({"mute": True}))
+                for _ in range(100):
+                    if assistant.pipeline.muted:
+                        break
+                    await asyncio.sleep(0.05)
+                assert assistant.pipeline.muted and voice.muted
+                messages = [(t, b) for t, b, _, _ in p.messages]
+        finally:
+            stop.set()
+            await asyncio.wait({task}, timeout=10)
+            await assistant.close()
+        return events, messages
+
+    events, messages = asyncio.run(run())
+    transcripts = [e.text for e in events if e.type is EventType.TRANSCRIPT]
+    assert len(transcripts) == 1 and "kitchen" in transcripts[0].lower()
+    assert not [e for e in events if e.type is EventType.FIRST_TOKEN]  # no LLM needed
+    states = [b for t, b in messages if t.endswith("/state")]
+    assert b"listening" in states

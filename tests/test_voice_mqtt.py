@@ -8,7 +8,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jarvis.assistant import build_assistant

@@ -16,7 +16,9 @@ class Conversation:
 
     system_prompt: str
     max_turns: int = 16
-    """Completed turns kept; older ones are dropped (the window a small model can use)."""
+    """Completed turns kept. When there are more, the oldest half go at once: every
+    trim changes the prompt right after the system prompt and costs a re-evaluation of
+    the history, so trimming rarely (and in bulk) keeps the context cache hitting."""
     turns: list[tuple[str, str]] = field(default_factory=list)
 
     def messages(self, user_text: str) -> list[ChatMessage]:
@@ -32,4 +34,8 @@ class Conversation:
         short by a cancel)."""
         self.turns.append((user_text, reply.strip()))
         if len(self.turns) > self.max_turns:
-            del self.turns[: len(self.turns) - self.max_turns]
+            del self.turns[: len(self.turns) - self.max_turns // 2]
+
+    def history(self) -> list[ChatMessage]:
+        """The messages every next prompt starts with (system prompt and turns)."""
+        return self.messages("")[:-1]

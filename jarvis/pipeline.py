@@ -316,6 +316,7 @@ class VoicePipeline:
     def _finish(self, result: TurnResult, request: str, stats: GenerationStats | None) -> None:
         if result.reply or result.interrupted:
             self.conversation.add_turn(request, result.reply or "...")
+            self.backend.prepare(self.conversation.history())  # evaluated while we listen
         self._follow_up_until = time.monotonic() + self.settings.follow_up_s
         timings: dict[str, Any] = {f"{k}_s": v for k, v in result.latency.items()}
         self.emit(EventType.REPLY_DONE, result.reply, interrupted=result.interrupted, **timings)

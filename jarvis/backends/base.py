@@ -99,5 +99,9 @@ class LLMBackend(Protocol):
     ) -> TokenStream:
         """Start answering ``messages`` (the last one is the user's)."""
 
+    def prepare(self, history: Sequence[ChatMessage]) -> None:
+        """Hint: the next request starts with ``history``; a backend may evaluate it
+        while idle so that request only pays for its new words."""
+
     def info(self) -> dict[str, Any]:
         """Model facts for reports: path, context size, threads, offload, cache state."""

@@ -184,6 +184,13 @@ class LlamaCppBackend:
         async with self._lock:
             await asyncio.to_thread(self.engine.housekeeping)
 
+    def prepare(self, history: Sequence[ChatMessage]) -> None:
+        """The next request will start with ``history``: evaluate it while idle."""
+        if self._closed:
+            return
+        self.engine.prepare(history)
+        self._spawn(self._idle_housekeeping())
+
     def info(self) -> dict[str, Any]:
         engine = self.engine
         return {

@@ -56,7 +56,8 @@ class LlamaEngine:
         self._formatter: Any = None
         self._system_prefix: tuple[int, ...] = ()
         self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._last_turn: tuple[list[ChatMessage], str | None] | None = None
+        self._next_history: list[ChatMessage] | None = None
+        """What the next request is expected to start with (see :meth:`prepare`)."""
         self.offload: str = "not loaded"
         self.template_source = ""
 
@@ -170,7 +171,7 @@ class LlamaEngine:
             if self._llm is None:
                 return
             try:
-                self._last_turn = None
+                self._next_history = None
                 self._persist_system_prefix()
                 self._persist_recent()
             finally:
@@ -311,12 +312,14 @@ class LlamaEngine:
             stats, reply = self._stream(llm, tokens, cached, max_tokens, temperature,
                                         options.grammar, emit, cancel, t0, t_prep, queue_s,
                                         stages)
-            self._last_turn = (list(messages), reply if stats.finish_reason == "stop" else None)
+            if stats.finish_reason == "stop":  # the conversation will go on from here
+                self._next_history = [*messages, ChatMessage("assistant", reply)]
             done(stats)
 
-    def _prepare(self, tokens: list[int], stages: dict[str, float]) -> int:
+    def _prepare(self, tokens: list[int], stages: dict[str, float], *, count: bool = True) -> int:
         """Bring the longest reusable prefix of ``tokens`` into the context; return its
-        length. At least the last prompt token is always evaluated (it yields the logits)."""
+        length. At least the last prompt token is always evaluated (it yields the logits).
+        ``count=False`` keeps speculative work out of the hit-rate counters."""
         llm = self._llm
         reusable = len(tokens) - 1
         live = min(common_prefix(llm.input_ids[: llm.n_tokens], tokens), reusable)
@@ -333,12 +336,12 @@ class LlamaEngine:
             with self.cache.using(match.entry):
                 ok = self._restore(match.entry.tokens, match.entry.payload, match.length)
             stages["cache_restore"] = time.perf_counter() - t
-            if ok:
+            if ok and count:
                 self.cache.record_restore(stages["cache_restore"])
                 reused, partial = match.length, match.length < len(match.entry.tokens)
             else:
                 reused, partial = 0, False
-        if self.cache.enabled:
+        if self.cache.enabled and count:
             self.cache.record_query(len(tokens), reused, partial=partial)
         return reused
 
@@ -405,36 +408,46 @@ class LlamaEngine:
         )
         return stats, "".join(pieces)
 
+    def prepare(self, history: Sequence[ChatMessage]) -> None:
+        """Hint that the next request will start with ``history`` (e.g. a conversation
+        whose oldest turns were just dropped); :meth:`housekeeping` evaluates it."""
+        self._next_history = list(history)
+
     def housekeeping(self) -> None:
         """Work that makes the *next* request faster, done while the model is idle
         (the caller runs it only when no request is waiting):
 
-        1. evaluate the template tokens that will follow the last reply in its
-           conversation's next prompt (end of turn, start of the next user turn);
+        1. evaluate the expected start of the next prompt: the last reply's
+           conversation up to where the next user turn's words begin (or the history
+           given to :meth:`prepare`), restoring the best cached prefix first;
         2. snapshot the conversation into the cache, so switching back restores it;
         3. make sure the system prompt's state is on disk for the next start.
         """
         with self._lock:
             if self._llm is None or not self.cache.enabled:
                 return
-            turn, self._last_turn = self._last_turn, None
+            history, self._next_history = self._next_history, None
             try:
-                if turn is not None and turn[1] is not None:
-                    self._prefetch_next_turn(turn[0], turn[1])
+                if history:
+                    self._prefetch(history)
                 self._store_live()
                 self._persist_system_prefix()
             except Exception:  # only speed is at stake: log and carry on
                 log.exception("context cache: housekeeping after a turn failed")
 
-    def _prefetch_next_turn(self, messages: list[ChatMessage], reply: str) -> None:
-        history = [*messages, ChatMessage("assistant", reply)]
+    def _prefetch(self, history: list[ChatMessage]) -> None:
         a = self.tokenize_chat([*history, ChatMessage("user", "a")])
         b = self.tokenize_chat([*history, ChatMessage("user", "b")])
         upto = common_prefix(a, b)
         llm = self._llm
-        n = llm.n_tokens
-        if n < upto < llm.n_ctx() and common_prefix(llm.input_ids[:n], a[:n]) == n:
-            llm.eval(a[n:upto])
+        if upto < 1 or upto >= llm.n_ctx():
+            return
+        target = a[:upto]
+        reused = self._prepare([*target, 0], {}, count=False)
+        if reused < upto:
+            llm.n_tokens = reused
+            llm._ctx.kv_cache_seq_rm(0, reused, -1)
+            llm.eval(target[reused:])
 
     def _persist_system_prefix(self) -> None:
         """Save the system prompt's state to disk once per model configuration, cut from

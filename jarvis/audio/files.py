@@ -36,6 +36,15 @@ def _convert_hint(path: Path) -> str:
     return f"convert it with: ffmpeg -i '{path}' -ar 16000 -ac 1 '{path.with_suffix('.wav').name}'"
 
 
+def _unreadable(path: Path, exc: Exception) -> AudioFormatError:
+    """libsndfile's complaint about ``path`` as a message that says what to do."""
+    problem = str(getattr(exc, "error_string", "") or exc)
+    return AudioFormatError(
+        f"{path}: not a readable sound file ({problem}); Jarvis reads {READABLE}; "
+        + _convert_hint(path)
+    )
+
+
 def check_wav_header(path: Path) -> None:
     """Raise AudioFormatError if a RIFF/RF64 WAV file is cut short.
 
@@ -89,11 +98,7 @@ def read_audio(path: str | Path, rate: int = ASR_RATE) -> Audio:
     try:
         data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except sf.LibsndfileError as exc:
-        problem = str(getattr(exc, "error_string", "") or exc)
-        raise AudioFormatError(
-            f"{path}: not a readable sound file ({problem}); Jarvis reads {READABLE}; "
-            + _convert_hint(path)
-        ) from None
+        raise _unreadable(path, exc) from None
     except (RuntimeError, ValueError, EOFError) as exc:  # decoders inside libsndfile
         raise AudioFormatError(f"{path}: corrupt audio data ({exc}); " + _convert_hint(path)) \
             from None
@@ -166,11 +171,7 @@ def iter_file_chunks(
     try:
         f = sf.SoundFile(str(path))
     except sf.LibsndfileError as exc:
-        problem = str(getattr(exc, "error_string", "") or exc)
-        raise AudioFormatError(
-            f"{path}: not a readable sound file ({problem}); Jarvis reads {READABLE}; "
-            + _convert_hint(path)
-        ) from None
+        raise _unreadable(path, exc) from None
     with f:
         resampler = Resampler(int(f.samplerate), rate)
         block = max(1, int(f.samplerate * chunk_s))

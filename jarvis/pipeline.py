@@ -279,6 +279,8 @@ class VoicePipeline:
                 "audio" if type(exc).__name__.startswith("Audio") else "llm")
             self.emit(EventType.ERROR, str(exc), stage)
         finally:
+            if llm is not None:
+                llm.cancel()  # interrupted or failed: free the model now (no-op when done)
             result.reply = spoken.text()
             latency["total"] = time.monotonic() - t_start
             self._finish(result, request, llm.stats if llm is not None else None)

@@ -344,7 +344,8 @@ class VoicePipeline:
             return text.strip()
         n = len(self._wake)
         for start in range(min(3, len(words) - n + 1)):  # allow "ok, hey jarvis ..."
-            if words[start:start + n] == self._wake:
+            window = words[start:start + n]
+            if all(_sounds_alike(a, b) for a, b in zip(window, self._wake, strict=True)):
                 rest = _after_words(text, start + n)
                 self.emit(EventType.WAKE, rest)
                 return rest
@@ -408,6 +409,22 @@ _WORD = re.compile(r"[a-z0-9']+")
 
 def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
+
+
+def _sounds_alike(heard: str, expected: str) -> bool:
+    """Word match that forgives one letter in longer words: speech recognition writes
+    "jarvis" as "jervis" or "jarvus" often enough to matter for a wake phrase."""
+    if heard == expected:
+        return True
+    if min(len(heard), len(expected)) < 5 or abs(len(heard) - len(expected)) > 1:
+        return False
+    previous = list(range(len(expected) + 1))
+    for i, a in enumerate(heard, 1):
+        current = [i]
+        for j, b in enumerate(expected, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a != b)))
+        previous = current
+    return previous[-1] <= 1
 
 
 def _after_words(text: str, count: int) -> str:

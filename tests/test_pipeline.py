@@ -224,3 +224,16 @@ def test_shutdown_mid_reply_leaves_no_threads_or_partial_files(tmp_path: Path) -
     assert not list(out.glob(".*partial"))
     for path in sink.written:  # whatever was written is a complete, readable WAV
         assert read_audio(path).duration_s > 0
+
+
+def test_wake_phrase_matching_forgives_one_letter() -> None:
+    from jarvis.config import PipelineSettings
+
+    settings = PipelineSettings(barge_in=False, wake_word="hey jarvis", follow_up_s=8.0,
+                                history_turns=8)
+    p = VoicePipeline(None, None, None, settings, "system")  # type: ignore[arg-type]
+    assert p._for_us("Hey Jervis, what time is it?") == "what time is it?"
+    assert p._for_us("Okay, hey Jarvis. Lights off.") == "Lights off."
+    assert p._for_us("Hey Jarvis.") == ""
+    assert p._for_us("What time is it?") is None
+    assert p._for_us("Hey service, what time is it?") is None

@@ -325,9 +325,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
     from jarvis.assistant import build_assistant
-    from jarvis.audio.files import read_audio
+    from jarvis.audio.files import file_source
     from jarvis.audio.stream import Microphone
-    from jarvis.pipeline import file_chunks
 
     assistant = await build_assistant(settings)
     sink = _sink(settings, args.output, directory=True)
@@ -341,8 +340,9 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
             bridge, _ = await attach_mqtt(settings, assistant.backend, assistant.pipeline, sink)
             bridge_task = asyncio.create_task(bridge.run(stop_bridge))
         if args.input is not None:
-            audio = read_audio(args.input)
-            await assistant.pipeline.run(file_chunks(audio.samples, realtime=True), sink)
+            # Streamed from disk at the pace of the audio (bounded memory for long files);
+            # the endpointer closes the last utterance when the file ends.
+            await assistant.pipeline.run(file_source(args.input, realtime=True), sink)
         else:
             async with Microphone(settings.audio.input_device) as mic:
                 log.info("listening (Ctrl-C to stop)")

@@ -17,7 +17,7 @@ import platform
 import re
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -651,8 +651,3 @@ def _resolve_mqtt(mqtt: dict[str, Any]) -> None:
     devices = mqtt["devices_file"]
     if devices is not None and not devices.is_file():
         raise ConfigError(f"JARVIS_DEVICES_FILE={devices}: no such file")
-
-
-def section_fields(section: str) -> list[str]:
-    """Field names of a settings section (used by tests and docs checks)."""
-    return [f.name for f in fields(_SECTIONS[section])]

@@ -160,12 +160,15 @@ class ContextCache:
         if not self.enabled or not tokens:
             return None
         with self._lock:
-            entry = self._store.insert(
-                tuple(tokens), state, state_nbytes(tokens, state), pinned=pinned
-            )
             self._counters["saves"] += 1
             self._counters["save_s"] += save_s
-            return entry
+            return self._insert(tokens, state, pinned)
+
+    def _insert(self, tokens: Sequence[int], state: bytes, pinned: bool) -> Entry[bytes] | None:
+        with self._lock:
+            return self._store.insert(
+                tuple(tokens), state, state_nbytes(tokens, state), pinned=pinned
+            )
 
     def record_query(self, prompt_tokens: int, reused: int, *, partial: bool = False) -> None:
         """Count one request: a hit when at least one prompt token was reused."""
@@ -332,8 +335,8 @@ class ContextCache:
             loaded_record = self._read_record(key)
             if loaded_record is None:
                 continue
-            tokens, state = loaded_record
-            if self.store(tokens, state, pinned=kind == "system") is not None:
+            tokens, state = loaded_record  # a disk hit, not a snapshot: not counted as a save
+            if self._insert(tokens, state, pinned=kind == "system") is not None:
                 loaded += 1
         return loaded
 

@@ -4,18 +4,23 @@ first sample of the spoken reply, endpoint silence included, on the starter mode
 
 20 spoken requests (the benchmark dialogues, synthesised by piper and resampled to
 16 kHz) are fed to the pipeline as a live microphone would deliver them (real-time
-pacing), each after the previous reply has finished. In the same run the plain
-sequential approach answers the same requests: wait for the endpoint, transcribe the
-30 s-padded utterance with faster-whisper's defaults, wait for the whole reply,
-synthesise all of it, then play. Then a few barge-ins: how long stopping takes.
+pacing), each after the previous reply has finished. The pipeline runs as configured
+(turns start speculatively at the likely end, ``JARVIS_VAD_SPECULATE_MS``) and, with
+``--compare-endpoint``, once more starting only at the endpoint. In the same run the
+plain sequential approach answers the same requests: wait for the endpoint, transcribe
+the 30 s-padded utterance with faster-whisper's defaults, wait for the whole reply,
+synthesise all of it, then play. Each way's transcripts are scored against the text
+that was spoken (word error rate). Then a few barge-ins: how long stopping takes.
 
-    python bench/voice_bench.py [--requests 20] [--barge-ins 3] [--json FILE]
+    python bench/voice_bench.py [--requests 20] [--barge-ins 3] [--compare-endpoint]
+                                [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
@@ -27,9 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from jarvis.asr import word_errors
 from jarvis.assistant import Assistant, build_assistant
 from jarvis.audio.formats import ASR_RATE, to_float32
 from jarvis.audio.resample import resample
+from jarvis.audio.silero import Endpointer
+from jarvis.audio.vad import SegmenterConfig
 from jarvis.config import load_settings
 from jarvis.dialogue import Conversation
 from jarvis.events import EventType, PipelineEvent
@@ -51,18 +59,30 @@ def stats(values: list[float]) -> dict[str, float]:
             "p95_s": percentile(ordered, 95), "std_s": std, "std_over_mean": std / mean}
 
 
-async def ours(a: Assistant, texts: list[str], audios: list[np.ndarray], out: Path
-               ) -> tuple[list[float], list[dict[str, float]]]:
+def wer(texts: list[str], heard: list[str]) -> float:
+    """Word error rate of everything heard against everything said."""
+    errors, count = word_errors(" ".join(texts), " ".join(heard))
+    return errors / max(1, count)
+
+
+async def ours(a: Assistant, texts: list[str], audios: list[np.ndarray], out: Path,
+               endpointer: Endpointer | None = None, label: str = "pipeline"
+               ) -> tuple[list[float], list[dict[str, float]], dict[str, Any]]:
+    """The pipeline, with ``endpointer`` instead of the assistant's if given."""
+    endpointer = endpointer or a.pipeline.endpointer
     pipeline = VoicePipeline(a.backend, a.asr, a.tts, a.pipeline.settings,
                              a.pipeline.conversation.system_prompt,
-                             endpointer=a.pipeline.endpointer,
+                             endpointer=endpointer,
                              silence_ms=int(a.pipeline.silence_s * 1000))
     results: list[dict[str, float]] = []
+    heard: list[str] = []
 
     def on_event(event: PipelineEvent) -> None:
+        if event.type is EventType.TRANSCRIPT:
+            heard.append(event.text)
         if event.type is EventType.REPLY_DONE:
             results.append(dict(event.data))
-            print(f"  [pipeline {len(results):>2}/{len(texts)}] voice-to-voice "
+            print(f"  [{label:<8} {len(results):>2}/{len(texts)}] voice-to-voice "
                   f"{event.data.get('voice_to_voice_s', float('nan')):.3f} s  "
                   f"(asr {event.data.get('asr_s', 0):.3f}, llm ttft "
                   f"{event.data.get('llm_ttft_s', 0):.3f}, first audio after ttft "
@@ -70,17 +90,20 @@ async def ours(a: Assistant, texts: list[str], audios: list[np.ndarray], out: Pa
 
     pipeline.subscribe(on_event)
     await pipeline.run(spoken_turns(pipeline, audios), WavReplySink(out))
-    return [r["voice_to_voice_s"] for r in results if "voice_to_voice_s" in r], results
+    info = {"wer": wer(texts, heard), "utterances": len(heard), **pipeline.speculations}
+    return [r["voice_to_voice_s"] for r in results if "voice_to_voice_s" in r], results, info
 
 
 async def plain(a: Assistant, texts: list[str], audios: list[np.ndarray],
-                silence_s: float) -> list[float]:
+                silence_s: float) -> tuple[list[float], dict[str, Any]]:
     """Endpoint, padded transcription, whole reply, whole synthesis, then play."""
     conversation = Conversation(a.pipeline.conversation.system_prompt)
     totals = []
+    heard: list[str] = []
     for i, audio in enumerate(audios):
         t0 = time.monotonic()
         transcript = await asyncio.to_thread(a.asr.transcribe_reference, audio)
+        heard.append(transcript.text)
         reply, _ = await a.backend.complete(conversation.messages(transcript.text))
         conversation.add_turn(transcript.text, reply)
         if reply.strip():
@@ -88,7 +111,7 @@ async def plain(a: Assistant, texts: list[str], audios: list[np.ndarray],
         totals.append(silence_s + time.monotonic() - t0)
         print(f"  [plain    {i + 1:>2}/{len(audios)}] voice-to-voice {totals[-1]:.3f} s",
               flush=True)
-    return totals
+    return totals, {"wer": wer(texts, heard), "utterances": len(heard)}
 
 
 async def barge_ins(a: Assistant, count: int, out: Path) -> list[float]:
@@ -137,23 +160,38 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       for t in texts]
             print(f"{len(texts)} spoken requests; endpoint silence {settings.vad.silence_ms} ms; "
                   f"assistant ready in {a.ready_s:.1f} s", flush=True)
-            mine, details = await ours(a, texts, audios, Path(tmp) / "ours")
-            base = await plain(a, texts, audios, settings.vad.silence_ms / 1000)
+            mine, details, info = await ours(a, texts, audios, Path(tmp) / "ours")
+            ways: dict[str, tuple[list[float], dict[str, Any]]] = {"pipeline": (mine, info)}
+            if args.compare_endpoint and a.pipeline.endpointer is not None:
+                at_end = dataclasses.replace(SegmenterConfig.from_settings(settings.vad),
+                                             pause_ms=0)
+                times, _, end_info = await ours(
+                    a, texts, audios, Path(tmp) / "endpoint",
+                    Endpointer(at_end, a.pipeline.endpointer.model), "endpoint")
+                ways["endpoint"] = (times, end_info)
+            ways["plain"] = await plain(a, texts, audios, settings.vad.silence_ms / 1000)
             stops = await barge_ins(a, args.barge_ins, Path(tmp) / "barge")
         finally:
             await a.close()
-    p, b = stats(mine), stats(base)
+    rows = {name: {**stats(times), **extra} for name, (times, extra) in ways.items()}
+    p, b = rows["pipeline"], rows["plain"]
     stages = {k: statistics.median(d[k] for d in details if k in d)
               for k in ("endpoint_s", "asr_s", "llm_ttft_s", "tts_first_s")}
-    report: dict[str, Any] = {"pipeline": p, "plain": b, "barge_in_stop_s": stops,
-                              "stages": stages}
+    report: dict[str, Any] = {**rows, "barge_in_stop_s": stops, "stages": stages}
     print()
     print(f"{'approach':<12} {'n':>3} {'median':>8} {'mean':>8} {'p95':>8} {'std':>8} "
-          f"{'std/mean':>9}")
-    for name, row in (("pipeline", p), ("plain", b)):
+          f"{'std/mean':>9} {'WER':>6}")
+    for name, row in rows.items():
         print(f"{name:<12} {row['n']:>3} {row['median_s']:>7.3f}s {row['mean_s']:>7.3f}s "
-              f"{row['p95_s']:>7.3f}s {row['std_s']:>7.3f}s {row['std_over_mean']:>8.1%}")
+              f"{row['p95_s']:>7.3f}s {row['std_s']:>7.3f}s {row['std_over_mean']:>8.1%} "
+              f"{row['wer']:>6.1%}")
     print(f"\nplain / pipeline median: {b['median_s'] / p['median_s']:.2f}x")
+    if "endpoint" in rows:
+        print(f"endpoint-only / pipeline median: "
+              f"{rows['endpoint']['median_s'] / p['median_s']:.2f}x")
+    print(f"speculative turns: {p['started']} started at a likely end, {p['committed']} "
+          f"committed, {p['abandoned']} abandoned when speech resumed; "
+          f"{p['utterances']} utterances for {len(texts)} requests")
     print("pipeline median stages: " + ", ".join(f"{k} {v * 1000:.0f} ms"
                                                  for k, v in stages.items()))
     print("targets: median <= 0.800 s, p95 <= 1.200 s, std < 25 % of mean")
@@ -167,6 +205,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=20)
     p.add_argument("--barge-ins", type=int, default=3)
+    p.add_argument("--compare-endpoint", action="store_true",
+                   help="also run the pipeline without speculation (starting at the endpoint)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     report = asyncio.run(main_async(args))

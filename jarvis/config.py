@@ -263,6 +263,9 @@ VARIABLES: tuple[Variable, ...] = (
              "audio kept from before speech onset so the first syllable is never cut"),
     Variable("JARVIS_VAD_MAX_UTTERANCE_S", "vad", "max_utterance_s", _float(1.0, 120.0), "15",
              "an utterance longer than this is cut and transcribed"),
+    Variable("JARVIS_VAD_SPECULATE_MS", "vad", "speculate_ms", _int(0, 10000), "150",
+             "after this much silence, start transcribing and answering before the "
+             "endpoint (JARVIS_VAD_SILENCE_MS); discarded if speech resumes; 0 = off"),
     # --- speech recognition
     Variable("JARVIS_ASR_MODEL", "asr", "model", _text, "",
              "faster-whisper model directory or name; empty = the bundled tiny.en"),
@@ -390,6 +393,8 @@ class VadSettings:
     min_speech_ms: int
     preroll_ms: int
     max_utterance_s: float
+    speculate_ms: int = 0
+    """Start work this long into the silence (0 = at the endpoint only)."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,15 @@ and playback is cut. Every stage emits :class:`~jarvis.events.PipelineEvent`\\ s
 Streaming end to end: the TTS stream consumes the LLM's token stream, so the first
 clause is spoken while the model is still writing the rest.
 
+Speculation: when the endpointer reports a likely end (``JARVIS_VAD_SPECULATE_MS`` of
+silence, before the ``JARVIS_VAD_SILENCE_MS`` endpoint), the turn starts at once on the
+audio so far — transcription, the model's answer, the first clause's synthesis — but
+holds everything anyone can observe: events are kept back, device commands wait, no
+audio plays and the conversation is not touched. At the endpoint the turn is
+*committed* (the held events go out and the audio plays); if speech resumes first, it
+is cancelled without a trace and the utterance goes on. The audio is the same speech
+either way, only the trailing silence differs.
+
 Voice-to-voice latency is measured from the last voiced sample of the utterance
 (the endpoint fires ``JARVIS_VAD_SILENCE_MS`` after it) to the moment the reply's
 first audio is handed to the speaker; it includes the endpoint silence.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import time
@@ -32,7 +42,7 @@ import numpy.typing as npt
 from jarvis.asr import WhisperAsr
 from jarvis.audio.formats import ASR_RATE
 from jarvis.audio.silero import Endpointer
-from jarvis.audio.vad import SpeechStarted, UtteranceEnded
+from jarvis.audio.vad import PauseDetected, SpeechResumed, SpeechStarted, UtteranceEnded
 from jarvis.backends.base import GenerationStats, LLMBackend, TokenStream
 from jarvis.config import PipelineSettings
 from jarvis.dialogue import Conversation
@@ -54,6 +64,32 @@ class AudioSink(Protocol):
     async def play(self, chunks: AsyncIterable[TtsChunk], rate: int) -> None: ...
 
 
+@dataclass(frozen=True)
+class Intercepted:
+    """A request answered without the model (e.g. a device command)."""
+
+    reply: str
+    """What to say."""
+    act: Callable[[], None] | None = None
+    """The side effect (publishing the command), run once the turn is committed."""
+
+
+@dataclass
+class _Speculation:
+    """A turn started at a likely end of the utterance, not yet committed."""
+
+    held: list[PipelineEvent] = field(default_factory=list)
+    """Events emitted by the turn, kept back until it is committed."""
+    committed: bool = False
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[TurnResult] | None = None
+
+
+_SPECULATION: contextvars.ContextVar[_Speculation | None] = contextvars.ContextVar(
+    "jarvis_speculation", default=None)
+"""Set inside a speculative turn's task (and inherited by the tasks it starts)."""
+
+
 @dataclass
 class Utterance:
     """A finished utterance and when its last voiced sample was heard."""
@@ -62,6 +98,8 @@ class Utterance:
     last_voice_at: float
     """``time.monotonic()`` of the last voiced sample (endpoint time minus the silence)."""
     endpoint_silence_s: float = 0.0
+    speculation: _Speculation | None = field(default=None, repr=False)
+    """The turn already started on this utterance at its likely end, if any."""
 
 
 @dataclass
@@ -101,11 +139,17 @@ class VoicePipeline:
         self.silence_s = silence_ms / 1000.0
         self.conversation = Conversation(system_prompt, max_turns=settings.history_turns)
         self.muted = False
-        self.intercept: Callable[[str], Awaitable[str | None]] | None = None
-        """Optional fast path tried before the LLM (the MQTT device matcher): returns the
-        reply to speak, or None to let the model answer."""
+        self.intercept: Callable[[str], Awaitable[Intercepted | None]] | None = None
+        """Optional fast path tried before the LLM (the MQTT device matcher): the reply
+        to speak and its side effect, or None to let the model answer. It may run
+        speculatively, so it must not act by itself: :attr:`Intercepted.act` does."""
         self._listeners: list[Listener] = []
         self._reply: asyncio.Task[TurnResult] | None = None
+        self._speculation: _Speculation | None = None
+        self.speculations = {"started": 0, "committed": 0, "abandoned": 0}
+        """Turns started at a likely end, and what became of them."""
+        self._busy = False
+        """A turn is being handled by the responder."""
         self._follow_up_until = 0.0
         self._wake = _words(settings.wake_word)
 
@@ -117,6 +161,13 @@ class VoicePipeline:
 
     def emit(self, type: EventType, text: str = "", stage: str = "", **data: Any) -> None:
         event = PipelineEvent(type, text, stage, data)
+        speculation = _SPECULATION.get()
+        if speculation is not None and not speculation.committed:
+            speculation.held.append(event)
+        else:
+            self._publish(event)
+
+    def _publish(self, event: PipelineEvent) -> None:
         for listener in self._listeners:
             try:
                 listener(event)
@@ -138,17 +189,19 @@ class VoicePipeline:
         utterances: asyncio.Queue[Utterance | None] = asyncio.Queue(maxsize=8)
         responder = asyncio.create_task(self._respond_loop(utterances, sink))
         try:
-            await self._listen(source, utterances)
+            await self._listen(source, utterances, sink)
             await utterances.put(None)
             await responder
         finally:
             responder.cancel()
+            await self._abandon_speculation()
             await self.cancel_reply()
             with contextlib.suppress(asyncio.CancelledError):
                 await responder
 
     async def _listen(
-        self, source: AsyncIterable[npt.ArrayLike], out: asyncio.Queue[Utterance | None]
+        self, source: AsyncIterable[npt.ArrayLike], out: asyncio.Queue[Utterance | None],
+        sink: AudioSink,
     ) -> None:
         endpointer = self.endpointer
         assert endpointer is not None
@@ -159,14 +212,20 @@ class VoicePipeline:
                 continue
             arrived = time.monotonic()
             for event in await asyncio.to_thread(endpointer.process, chunk):
-                await self._on_vad(event, arrived, out)
+                await self._on_vad(event, arrived, out, sink)
         for event in await asyncio.to_thread(endpointer.flush):
-            await self._on_vad(event, time.monotonic(), out)
+            await self._on_vad(event, time.monotonic(), out, sink)
 
     async def _on_vad(
-        self, event: object, arrived: float, out: asyncio.Queue[Utterance | None]
+        self, event: object, arrived: float, out: asyncio.Queue[Utterance | None], sink: AudioSink
     ) -> None:
-        if isinstance(event, SpeechStarted):
+        if isinstance(event, PauseDetected):
+            if not (self._busy or self.speaking or self._speculation is not None or out.qsize()):
+                self._speculate(Utterance(event.audio, arrived - event.silence_s,
+                                          event.silence_s), sink)
+        elif isinstance(event, SpeechResumed):
+            await self._abandon_speculation()
+        elif isinstance(event, SpeechStarted):
             self.emit(EventType.SPEECH_STARTED)
             if self.settings.barge_in and self.speaking:
                 t = time.monotonic()
@@ -175,11 +234,16 @@ class VoicePipeline:
         elif isinstance(event, UtteranceEnded):
             silence = self.silence_s if event.reason.value == "silence" else 0.0
             self.emit(EventType.SPEECH_ENDED, duration_s=event.duration_s)
-            await out.put(Utterance(event.audio, arrived - silence, silence))
+            speculation, self._speculation = self._speculation, None
+            await out.put(Utterance(event.audio, arrived - silence, silence, speculation))
 
     async def _respond_loop(self, queue: asyncio.Queue[Utterance | None], sink: AudioSink) -> None:
         while (utterance := await queue.get()) is not None:
-            await self.voice_turn(utterance, sink)
+            self._busy = True
+            try:
+                await self.voice_turn(utterance, sink)
+            finally:
+                self._busy = False
             self.emit(EventType.LISTENING)
 
     async def cancel_reply(self) -> None:
@@ -190,10 +254,61 @@ class VoicePipeline:
             with contextlib.suppress(asyncio.CancelledError):
                 await reply
 
+    # ------------------------------------------------------------------ speculation
+
+    def _speculate(self, utterance: Utterance, sink: AudioSink) -> None:
+        """Start the turn on a likely end of the utterance (see the module docstring)."""
+        speculation = _Speculation()
+
+        async def turn() -> TurnResult:
+            _SPECULATION.set(speculation)
+            return await self.voice_turn(utterance, sink)
+
+        speculation.task = asyncio.create_task(turn())
+        self._speculation = speculation
+        self.speculations["started"] += 1
+
+    async def _commit(self, speculation: _Speculation) -> TurnResult:
+        """The endpoint confirmed the likely end: publish what the speculative turn held
+        back, let it act and play, and wait for it."""
+        speculation.committed = True
+        self.speculations["committed"] += 1
+        held, speculation.held = speculation.held, []
+        for event in held:
+            self._publish(event)
+        speculation.gate.set()
+        assert speculation.task is not None
+        return await speculation.task
+
+    async def _abandon_speculation(self) -> None:
+        """Speech resumed (or we are shutting down): cancel the speculative turn; it has
+        changed nothing anyone can see."""
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None and speculation.task is not None:
+            self.speculations["abandoned"] += 1
+            speculation.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await speculation.task
+
+    @staticmethod
+    async def _committed() -> None:
+        """Wait until this turn may act: at once unless it is an uncommitted speculation."""
+        speculation = _SPECULATION.get()
+        if speculation is not None:
+            await speculation.gate.wait()
+
+    @staticmethod
+    def _uncommitted() -> bool:
+        speculation = _SPECULATION.get()
+        return speculation is not None and not speculation.committed
+
     # ------------------------------------------------------------------ one turn
 
     async def voice_turn(self, utterance: Utterance, sink: AudioSink) -> TurnResult:
-        """Transcribe ``utterance`` and, if it is for Jarvis, answer it through ``sink``."""
+        """Transcribe ``utterance`` and, if it is for Jarvis, answer it through ``sink``
+        (or commit the turn already started on it)."""
+        if utterance.speculation is not None:
+            return await self._commit(utterance.speculation)
         try:
             transcript = await self.asr.transcribe_async(utterance.audio)
         except JarvisError as exc:
@@ -209,17 +324,20 @@ class VoicePipeline:
             await self._say(ACKNOWLEDGEMENT, sink)
             return TurnResult(transcript.text, reply=ACKNOWLEDGEMENT, latency=latency)
         if self.intercept is not None and (handled := await self.intercept(request)) is not None:
-            await self._say(handled, sink)  # e.g. a device command, done without the LLM
-            self.conversation.add_turn(request, handled)
-            self.emit(EventType.REPLY_DONE, handled, interrupted=False)
-            return TurnResult(transcript.text, reply=handled, latency=latency)
+            await self._committed()  # e.g. a device command, done without the LLM
+            if handled.act is not None:
+                handled.act()
+            await self._say(handled.reply, sink)
+            self.conversation.add_turn(request, handled.reply)
+            self.emit(EventType.REPLY_DONE, handled.reply, interrupted=False)
+            return TurnResult(transcript.text, reply=handled.reply, latency=latency)
         return await self._run_reply(transcript.text, request, sink, utterance.last_voice_at,
                                      latency)
 
     async def _say(self, text: str, sink: AudioSink) -> None:
         """Speak a fixed text (no LLM), then keep listening without the wake phrase."""
         try:
-            await sink.play(self.tts.stream(text), self.tts.sample_rate)
+            await sink.play(_gated(self.tts.stream(text)), self.tts.sample_rate)
         except JarvisError as exc:
             self.emit(EventType.ERROR, str(exc), "tts")
         self._follow_up_until = time.monotonic() + self.settings.follow_up_s
@@ -271,6 +389,7 @@ class VoicePipeline:
             else:
                 await sink.play(self._timed(self.tts.stream(tokens()), spoken, since, t_start,
                                             latency), self.tts.sample_rate)
+            await self._committed()  # nothing was played (an empty reply): wait anyway
         except asyncio.CancelledError:
             result.interrupted = True
             raise
@@ -278,12 +397,14 @@ class VoicePipeline:
             stage = "tts" if type(exc).__name__.startswith("Tts") else (
                 "audio" if type(exc).__name__.startswith("Audio") else "llm")
             self.emit(EventType.ERROR, str(exc), stage)
+            await self._committed()
         finally:
             if llm is not None:
                 llm.cancel()  # interrupted or failed: free the model now (no-op when done)
             result.reply = spoken.text()
             latency["total"] = time.monotonic() - t_start
-            self._finish(result, request, llm.stats if llm is not None else None)
+            if not self._uncommitted():  # an abandoned speculation leaves no trace
+                self._finish(result, request, llm.stats if llm is not None else None)
         return result
 
     async def _stream_reply(self, request: str) -> tuple[TokenStream, AsyncIterator[str]]:
@@ -304,9 +425,11 @@ class VoicePipeline:
 
     async def _timed(self, chunks: AsyncIterable[TtsChunk], spoken: _SpokenText, since: float,
                      t_start: float, latency: dict[str, float]) -> AsyncIterator[TtsChunk]:
-        """Pass chunks to the sink, noting the first audio and what has been heard."""
+        """Pass chunks to the sink, noting the first audio and what has been heard. A
+        speculative turn's first chunk is synthesised, then waits for the commit."""
         async for chunk in chunks:
             if "voice_to_voice" not in latency:
+                await self._committed()
                 now = time.monotonic()
                 latency["tts_first"] = now - t_start - latency.get("llm_ttft", 0.0)
                 latency["voice_to_voice"] = now - since
@@ -321,7 +444,8 @@ class VoicePipeline:
             self.backend.prepare(self.conversation.history())  # evaluated while we listen
         self._follow_up_until = time.monotonic() + self.settings.follow_up_s
         timings: dict[str, Any] = {f"{k}_s": v for k, v in result.latency.items()}
-        self.emit(EventType.REPLY_DONE, result.reply, interrupted=result.interrupted, **timings)
+        self.emit(EventType.REPLY_DONE, result.reply, interrupted=result.interrupted,
+                  speculative=_SPECULATION.get() is not None, **timings)
         if self.tracker is not None and "voice_to_voice" in result.latency:
             lat = result.latency
             self.tracker.record(RequestRecord(
@@ -395,6 +519,13 @@ class _SpokenText:
             if cut:
                 parts.append(" ".join(words[:cut]) + ("" if cut == len(words) else "..."))
         return " ".join(p for p in parts if p).strip()
+
+
+async def _gated(chunks: AsyncIterable[TtsChunk]) -> AsyncIterator[TtsChunk]:
+    """``chunks``, the first one held until the turn is committed."""
+    async for chunk in chunks:
+        await VoicePipeline._committed()
+        yield chunk
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -67,6 +67,12 @@ _DOTTED = re.compile(r"(?:[a-z]\.)+[a-z]")  # e.g, i.e, u.s, a.m
 _TERMINALS = ".!?…"
 _CLOSERS = "\"')]}’”»"
 _LEADING_JUNK = _TERMINALS + _CLOSERS + " \t\r\n"
+_WEAK_ENDINGS = frozenset({
+    "a", "an", "the", "to", "of", "in", "on", "at", "by", "for", "from", "with", "and", "or",
+    "but", "so", "as", "is", "are", "was", "be", "my", "your", "its", "their", "our", "this",
+    "that",
+})
+"""Words a first chunk cut between words should not end with."""
 _CLAUSE = re.compile(r"[,;:](?=\s)|(?<=\s)[-–—](?=\s)")
 
 
@@ -74,9 +80,11 @@ _CLAUSE = re.compile(r"[,;:](?=\s)|(?<=\s)[-–—](?=\s)")
 class SentenceSplitter:
     """Incremental splitter: ``feed`` pieces, get finished chunks; ``flush`` at the end."""
 
-    first_soft_chars: int = 40
-    """A first sentence longer than this is cut at its last clause boundary, so the
-    first audio does not wait for a long sentence (piper needs ~4 ms per character)."""
+    first_soft_chars: int = 32
+    """A first sentence longer than this is cut at its last clause boundary within it,
+    else at its last word boundary, so the first audio waits for neither a long
+    sentence nor a late comma: each character costs ~4 ms to generate and ~4 ms to
+    synthesise, while the chunk plays for ~65 ms per character."""
     soft_chars: int = 120
     """Any later chunk longer than this is cut at its last clause boundary."""
     hard_chars: int = 240
@@ -135,6 +143,8 @@ class SentenceSplitter:
             return end
         if end is None and ((at is not None and at < soft) or len(self._buf) <= soft):
             return None  # the sentence may still end within the limit
+        if self._emitted == 0 and (cut := self._first_cut(soft)) is not None:
+            return cut
         cut = self._clause_cut(at if at is not None else len(self._buf), soft)
         if cut is not None and cut <= self.hard_chars:
             return cut
@@ -188,6 +198,22 @@ class SentenceSplitter:
             return True
         words = self._buf[:dot].split()
         return bool(words) and not words[-1][-1].isdigit() and not self._protected(dot)
+
+    def _first_cut(self, soft: int) -> int | None:
+        """Where the first chunk ends when its sentence is too long: the last clause
+        boundary within ``soft`` characters, else the last space. Looks at no more than
+        ``soft + 1`` characters, so the result does not depend on how text arrived."""
+        head = self._buf[: soft + 1]
+        clause = self._clause_cut(len(head), soft)
+        if clause is not None and clause <= soft:
+            return clause
+        space = head.rfind(" ", self.min_clause_chars)
+        while space > 0:  # "turns on at | sunset" sounds odd: end on a content word
+            earlier = head.rfind(" ", self.min_clause_chars, space)
+            if earlier < 0 or head[earlier + 1:space].lower() not in _WEAK_ENDINGS:
+                break
+            space = earlier
+        return space if space > 0 else None
 
     def _clause_cut(self, limit: int, soft: int) -> int | None:
         best = None

@@ -20,7 +20,7 @@ from jarvis.device_map import DeviceMap, load_device_map
 from jarvis.hub import HubAssistant
 from jarvis.intents import Ambiguous, Matched
 from jarvis.mqtt import Answer, MqttBridge
-from jarvis.pipeline import AudioSink, VoicePipeline
+from jarvis.pipeline import AudioSink, Intercepted, VoicePipeline
 
 
 class VoiceMqttAssistant(HubAssistant):
@@ -61,20 +61,24 @@ class VoiceMqttAssistant(HubAssistant):
             stopped = True
         return stopped
 
-    async def device_request(self, text: str) -> str | None:
-        """For the pipeline: run a spoken device command locally (publishing it) and
-        return the reply to speak, or None to let the LLM answer."""
+    async def device_request(self, text: str) -> Intercepted | None:
+        """For the pipeline: a spoken device command answered locally, with the
+        publishing as its deferred action; None lets the LLM answer."""
         result = self.matcher.match(text)
         if isinstance(result, Ambiguous):
-            return result.question
+            return Intercepted(result.question)
         if not isinstance(result, Matched):
             return None
-        if self.bridge is not None:
-            for command in result.commands:
-                action = command.action
-                self.bridge.publish(action.topic, action.payload, retain=action.retain,
-                                    urgent=True)
-        return result.reply
+        commands = result.commands
+
+        def publish() -> None:
+            if self.bridge is not None:
+                for command in commands:
+                    action = command.action
+                    self.bridge.publish(action.topic, action.payload, retain=action.retain,
+                                        urgent=True)
+
+        return Intercepted(result.reply, publish)
 
 
 async def attach_mqtt(settings: Settings, backend: LLMBackend, pipeline: VoicePipeline,

@@ -106,6 +106,36 @@ def test_two_spoken_requests_get_spoken_replies(
     for event in of(events, EventType.REPLY_DONE):
         for stage in ("asr_s", "llm_ttft_s", "tts_first_s", "voice_to_voice_s"):
             assert event.data[stage] > 0
+    # The first turn started at the likely end (the second arrived while the first
+    # was being answered, so it waited for its endpoint).
+    assert done[0].data["speculative"] is True
+    assert pipeline.speculations["committed"] >= 1 and not pipeline.speculations["abandoned"]
+
+
+def _trimmed(audio: np.ndarray) -> np.ndarray:
+    """Without piper's leading and trailing silence."""
+    loud = np.flatnonzero(np.abs(audio) > 0.02)
+    return audio[loud[0]:loud[-1] + 1]
+
+
+def test_a_pause_inside_a_request_is_not_answered_early(
+    assistant: Assistant, loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    # 250 ms of silence mid-sentence: past the 150 ms likely end, short of the 300 ms
+    # endpoint. The turn started on "Turn on the" must vanish without a trace.
+    audio = np.concatenate([silence(0.3), _trimmed(speech(assistant, "Turn on the")),
+                            silence(0.25),
+                            _trimmed(speech(assistant, "lights in the kitchen, please.")),
+                            silence(0.5)])
+    pipeline, events = new_pipeline(assistant)
+    sink = WavReplySink(tmp_path / "out")
+    loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=True), sink))
+    assert pipeline.speculations["abandoned"] >= 1, pipeline.speculations
+    transcripts = [e.text for e in of(events, EventType.TRANSCRIPT)]
+    assert len(transcripts) == 1 and {"turn", "kitchen"} <= words(transcripts[0]), transcripts
+    assert len(of(events, EventType.THINKING)) == 1
+    assert len(of(events, EventType.REPLY_DONE)) == 1 and len(sink.written) == 1
+    assert [u for u, _ in pipeline.conversation.turns] == transcripts
 
 
 async def _barge_in_source(pipeline: VoicePipeline, first: np.ndarray, second: np.ndarray

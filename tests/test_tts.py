@@ -45,8 +45,8 @@ from tests.test_speech_support import (
      ["1. Turn on the lights.", "2. Close the door."]),
     ('He said "stop." Then he left.', ['He said "stop."', "Then he left."]),
     ("Wait... what? Really?!  Yes.", ["Wait...", "what?", "Really?!", "Yes."]),
-    ("Mr. and Mrs. Jones live on Elm St. near the park.",
-     ["Mr. and Mrs. Jones live on Elm St. near the park."]),
+    ("Yes. Mr. and Mrs. Jones live on Elm St. near the park.",
+     ["Yes.", "Mr. and Mrs. Jones live on Elm St. near the park."]),
     ("Visit example.com at 7:30. It costs 1,000 dollars.",
      ["Visit example.com at 7:30.", "It costs 1,000 dollars."]),
     ("Line one\nLine two\n\nLine three", ["Line one", "Line two", "Line three"]),
@@ -64,8 +64,13 @@ def test_a_long_first_sentence_is_cut_at_a_clause_for_early_audio() -> None:
     text = ("Sure, I have turned on the kitchen lights, dimmed the hallway and locked the "
             "front door for you. Anything else?")
     chunks = split_sentences(text)
-    assert chunks[0] == "Sure, I have turned on the kitchen lights,"
+    assert chunks[0] == "Sure, I have turned"  # no clause boundary soon: cut between words
+    assert chunks[1].startswith("on the kitchen lights,")
     assert chunks[-1] == "Anything else?"
+    text = "Alright then, I have turned on the kitchen lights and the hallway lamp."
+    assert split_sentences(text)[0] == "Alright then,"
+    text = "The porch light turns on at sunset and goes off at eleven every night."
+    assert split_sentences(text)[0] == "The porch light turns"  # not "... turns on at"
 
 
 def test_the_first_chunk_is_ready_as_soon_as_its_punctuation_arrives() -> None:

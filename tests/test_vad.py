@@ -16,8 +16,10 @@ from jarvis.audio import (
     Endpointer,
     EndReason,
     FramesDropped,
+    PauseDetected,
     Segmenter,
     SegmenterConfig,
+    SpeechResumed,
     SpeechStarted,
     UtteranceEnded,
     VadEvent,
@@ -76,6 +78,7 @@ configs = st.builds(
     min_speech_ms=st.integers(0, 80),
     preroll_ms=st.integers(0, 60),
     max_utterance_s=st.floats(0.05, 0.5),
+    pause_ms=st.integers(0, 150),
 )
 
 
@@ -125,6 +128,50 @@ def test_every_utterance_is_announced_and_respects_the_limits(
             assert speech >= cfg.samples(cfg.min_speech_ms)
             started = None
     assert started is None and not segmenter.in_speech  # flush closed everything
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=frame_lists, cfg=configs)
+def test_a_likely_end_is_the_utterance_so_far_and_is_taken_back_if_speech_resumes(
+    frames: list[tuple[int, float]], cfg: SegmenterConfig
+) -> None:
+    _, events = run(Segmenter(cfg), frames)
+    pause: PauseDetected | None = None
+    for event in events:
+        if isinstance(event, PauseDetected):
+            assert pause is None  # one likely end at a time
+            assert 0 < cfg.pause_ms < cfg.silence_ms
+            assert event.silence_samples >= cfg.samples(cfg.pause_ms)
+            pause = event
+        elif isinstance(event, SpeechResumed):
+            assert pause is not None
+            pause = None
+        elif isinstance(event, UtteranceEnded):
+            if pause is not None:  # the utterance is the likely end plus silence
+                assert event.start_sample == pause.start_sample
+                assert np.array_equal(event.audio[:len(pause.audio)], pause.audio)
+            pause = None
+        else:
+            assert pause is None or isinstance(event, SpeechStarted)
+    assert pause is None
+
+
+def test_a_short_pause_is_a_likely_end_then_speech_resumes() -> None:
+    seg = Segmenter(config(silence_ms=100, pause_ms=40))
+    _, events = run(seg, [(50, 0.9), (50, 0.0), (50, 0.9), (60, 0.0), (60, 0.0)])
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["SpeechStarted", "PauseDetected", "SpeechResumed", "PauseDetected",
+                     "UtteranceEnded"]
+    first, second = (e for e in events if isinstance(e, PauseDetected))
+    assert len(first.audio) == 100 and first.silence_samples == 50
+    assert len(second.audio) == 210 and second.silence_samples == 60
+
+
+def test_no_likely_end_unless_it_comes_before_the_endpoint() -> None:
+    for pause_ms in (0, 100, 150):
+        _, events = run(Segmenter(config(silence_ms=100, pause_ms=pause_ms)),
+                        [(50, 0.9), (150, 0.0)])
+        assert not [e for e in events if isinstance(e, PauseDetected | SpeechResumed)]
 
 
 def test_preroll_keeps_the_audio_before_the_first_speech_frame() -> None:

@@ -12,7 +12,12 @@ stream of ``(frame, probability)`` pairs into:
   stream ends. The last part of that silence (at most ``preroll_ms``, at most half
   of it) is kept as the next pre-roll instead, so speech that starts just as the
   silence timer fires keeps its first sound;
-- :class:`FramesDropped` for audio that belongs to no utterance.
+- :class:`FramesDropped` for audio that belongs to no utterance;
+- with ``pause_ms`` set (shorter than ``silence_ms``), :class:`PauseDetected` when an
+  utterance has been silent that long — a *likely* end, with a copy of the audio so
+  far, so transcription and the reply can start before the endpoint is final — and
+  :class:`SpeechResumed` if speech comes back before the endpoint (the likely end was
+  wrong: discard that work).
 
 The pre-roll is capped at half the maximum utterance length. Every sample pushed
 appears exactly once, in order, in the audio of the
@@ -82,7 +87,32 @@ class FramesDropped:
     start_sample: int
 
 
-VadEvent: TypeAlias = SpeechStarted | UtteranceEnded | FramesDropped
+@dataclass(frozen=True)
+class PauseDetected:
+    """The utterance has been silent for ``pause_ms``: probably its end. ``audio`` is a
+    copy of the utterance so far (it is still delivered by :class:`UtteranceEnded`)."""
+
+    audio: FloatArray = field(repr=False)
+    start_sample: int
+    silence_samples: int
+    """How much of the end of ``audio`` is silence."""
+    sample_rate: int = ASR_RATE
+
+    @property
+    def silence_s(self) -> float:
+        return self.silence_samples / self.sample_rate
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Speech came back after a :class:`PauseDetected`: the utterance goes on."""
+
+    sample: int
+    """Stream position just after the frame that resumed speech."""
+
+
+VadEvent: TypeAlias = (SpeechStarted | UtteranceEnded | FramesDropped | PauseDetected
+                       | SpeechResumed)
 
 
 @dataclass(frozen=True)
@@ -97,13 +127,16 @@ class SegmenterConfig:
     min_speech_ms: int = 200
     preroll_ms: int = 300
     max_utterance_s: float = 15.0
+    pause_ms: int = 0
+    """Silence after which :class:`PauseDetected` fires; 0 (or not shorter than
+    ``silence_ms``) = never."""
 
     @classmethod
     def from_settings(cls, vad: VadSettings, sample_rate: int = ASR_RATE) -> SegmenterConfig:
         return cls(
             sample_rate=sample_rate, threshold=vad.threshold, silence_ms=vad.silence_ms,
             min_speech_ms=vad.min_speech_ms, preroll_ms=vad.preroll_ms,
-            max_utterance_s=vad.max_utterance_s,
+            max_utterance_s=vad.max_utterance_s, pause_ms=vad.speculate_ms,
         )
 
     @property
@@ -132,6 +165,8 @@ class Segmenter:
         self._min_speech = c.samples(c.min_speech_ms)
         self._max_len = max(1, c.samples(c.max_utterance_s * 1000.0))
         self._preroll = min(c.samples(c.preroll_ms), self._max_len // 2)
+        pause = c.samples(c.pause_ms)
+        self._pause_limit = pause if 0 < pause < self._silence_limit else 0
         self.reset()
 
     def reset(self, position: int = 0) -> None:
@@ -144,6 +179,7 @@ class Segmenter:
         self._speech = 0
         self._silence = 0
         self._onset = position
+        self._paused = False
 
     @property
     def position(self) -> int:
@@ -194,7 +230,22 @@ class Segmenter:
                 events.append(self._end(EndReason.SILENCE))
             elif self._buffered >= self._max_len:
                 events.append(self._end(EndReason.MAX_LENGTH))
+            else:
+                events += self._pause_events(is_speech)
         return events
+
+    def _pause_events(self, is_speech: bool) -> list[VadEvent]:
+        if not self._pause_limit:
+            return []
+        if self._paused and is_speech:
+            self._paused = False
+            return [SpeechResumed(self._pos)]
+        if not self._paused and self._silence >= self._pause_limit:
+            self._paused = True
+            audio = np.concatenate(self._frames) if self._frames else np.zeros(0, np.float32)
+            return [PauseDetected(audio, self._buf_start, min(self._silence, len(audio)),
+                                  self.config.sample_rate)]
+        return []
 
     def flush(self) -> list[VadEvent]:
         """End of stream: close an utterance in progress, drop anything else buffered."""

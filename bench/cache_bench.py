@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Context-cache benchmark: one interleaved workload, four ways, in one process.
 
-Workload: 4 conversations sharing the ~600-token household system prompt, 5 turns
+Workload: 4 conversations sharing the ~1,100-token household system prompt, 5 turns
 each, round-robin (kitchen, bedroom, MQTT, CLI... taking turns on one model).
 
 1. ``no cache``   llama-cpp-python's ``create_chat_completion`` with no cache set (it

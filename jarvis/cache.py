@@ -33,6 +33,10 @@ from jarvis.prefix_store import Entry, Match, PrefixStore
 
 log = logging.getLogger(__name__)
 
+State = bytes | bytearray
+"""A saved KV state: a snapshot taken in this process is a bytearray (no extra copy),
+one read from disk is bytes."""
+
 RECORD_VERSION = 1
 _PER_TOKEN_OVERHEAD = 48
 """Bytes of Python bookkeeping per cached token: the ids in the entry and the radix
@@ -81,7 +85,7 @@ class CacheStats:
         return data
 
 
-def state_nbytes(tokens: Sequence[int], state: bytes) -> int:
+def state_nbytes(tokens: Sequence[int], state: State) -> int:
     """Bytes an entry really holds: the state plus its token bookkeeping."""
     return len(state) + _PER_TOKEN_OVERHEAD * len(tokens) + _PER_ENTRY_OVERHEAD
 
@@ -112,7 +116,7 @@ class ContextCache:
         self.settings = settings
         self.fingerprint = fingerprint
         self._lock = threading.RLock()
-        self._store: PrefixStore[bytes] = PrefixStore(
+        self._store: PrefixStore[State] = PrefixStore(
             settings.max_entries, settings.max_bytes, on_evict=self._on_evict
         )
         self._disk: Any = None
@@ -127,7 +131,7 @@ class ContextCache:
     def enabled(self) -> bool:
         return self.settings.enabled
 
-    def lookup(self, tokens: Sequence[int]) -> Match[bytes] | None:
+    def lookup(self, tokens: Sequence[int]) -> Match[State] | None:
         """The saved state serving the most leading ``tokens`` (marks it recently used)."""
         if not self.enabled or not tokens:
             return None
@@ -143,7 +147,7 @@ class ContextCache:
         return match is not None and match.length == len(tokens)
 
     @contextmanager
-    def using(self, entry: Entry[bytes]) -> Iterator[Entry[bytes]]:
+    def using(self, entry: Entry[State]) -> Iterator[Entry[State]]:
         """Hold ``entry`` so no eviction removes it while its state is being restored."""
         with self._lock:
             self._store.acquire(entry)
@@ -154,8 +158,8 @@ class ContextCache:
                 self._store.release(entry)
 
     def store(
-        self, tokens: Sequence[int], state: bytes, *, pinned: bool = False, save_s: float = 0.0
-    ) -> Entry[bytes] | None:
+        self, tokens: Sequence[int], state: State, *, pinned: bool = False, save_s: float = 0.0
+    ) -> Entry[State] | None:
         """Keep ``state`` (the KV of exactly ``tokens``); None if it exceeds the byte cap."""
         if not self.enabled or not tokens:
             return None
@@ -164,7 +168,7 @@ class ContextCache:
             self._counters["save_s"] += save_s
             return self._insert(tokens, state, pinned)
 
-    def _insert(self, tokens: Sequence[int], state: bytes, pinned: bool) -> Entry[bytes] | None:
+    def _insert(self, tokens: Sequence[int], state: State, pinned: bool) -> Entry[State] | None:
         with self._lock:
             return self._store.insert(
                 tuple(tokens), state, state_nbytes(tokens, state), pinned=pinned
@@ -186,7 +190,7 @@ class ContextCache:
             self._counters["restores"] += 1
             self._counters["restore_s"] += seconds
 
-    def recent_entries(self, limit: int, *, pinned: bool = False) -> list[Entry[bytes]]:
+    def recent_entries(self, limit: int, *, pinned: bool = False) -> list[Entry[State]]:
         """Most recently used entries first (pinned or not)."""
         with self._lock:
             entries = [e for e in self._store if e.pinned == pinned]
@@ -238,7 +242,7 @@ class ContextCache:
             0.0,
         )
 
-    def _on_evict(self, entry: Entry[bytes]) -> None:
+    def _on_evict(self, entry: Entry[State]) -> None:
         self._counters["evictions"] += 1
         log.debug("context cache evicted %d tokens (%d bytes)", len(entry.tokens), entry.nbytes)
 
@@ -270,7 +274,7 @@ class ContextCache:
         digest = hashlib.sha256(array("i", tokens).tobytes()).hexdigest()[:32]
         return f"ctx:{self.fingerprint}:{digest}"
 
-    def persist(self, tokens: Sequence[int], state: bytes, *, kind: str = "conversation") -> bool:
+    def persist(self, tokens: Sequence[int], state: State, *, kind: str = "conversation") -> bool:
         """Write ``state`` for ``tokens`` to disk; False (logged) when that fails."""
         if self._disk is None:
             return False
@@ -280,7 +284,7 @@ class ContextCache:
             "kind": kind,
             "tokens": array("i", tokens).tobytes(),
             "sha256": hashlib.sha256(state).hexdigest(),
-            "state": state,
+            "state": bytes(state),  # a snapshot may be a bytearray
             "saved_at": time.time(),
         }
         try:

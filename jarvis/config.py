@@ -209,9 +209,10 @@ VARIABLES: tuple[Variable, ...] = (
              "physical micro-batch size (<= JARVIS_N_BATCH)"),
     Variable("JARVIS_N_GPU_LAYERS", "llm", "n_gpu_layers", _int(-1, 100000), "-1",
              "layers to offload to a GPU; -1 = all, 0 = none; no effect on a CPU-only build"),
-    Variable("JARVIS_FLASH_ATTN", "llm", "flash_attn", _bool, "true",
-             "flash attention: faster prompts and decoding on CPU too (measured +24 % / +13 % "
-             "here); needed for a quantized KV cache"),
+    Variable("JARVIS_FLASH_ATTN", "llm", "flash_attn", _bool, "false",
+             "flash attention: on a 2-core x86 CPU it speeds up a long cold prompt but slows "
+             "each turn's short evaluation after a long context (bench/attention_bench.py); "
+             "turned on by a quantized KV cache, which needs it"),
     Variable("JARVIS_KV_CACHE_TYPE", "llm", "kv_cache_type", _choice(*KV_CACHE_TYPES), "f16",
              "KV cache precision: f16, q8_0 (half the memory) or q4_0"),
     Variable("JARVIS_USE_MMAP", "llm", "use_mmap", _bool, "true",
@@ -594,10 +595,16 @@ def _resolve_llm(llm: dict[str, Any], sources: dict[str, str]) -> None:
             f"JARVIS_N_BATCH={llm['n_batch']}"
         )
     if llm["kv_cache_type"] != "f16" and not llm["flash_attn"]:
-        raise ConfigError(
-            f"JARVIS_KV_CACHE_TYPE={llm['kv_cache_type']!r} is invalid without flash attention: "
-            "llama.cpp needs JARVIS_FLASH_ATTN=true for a quantized KV cache"
-        )
+        if sources.get("JARVIS_FLASH_ATTN", "default") != "default":
+            raise ConfigError(
+                f"JARVIS_KV_CACHE_TYPE={llm['kv_cache_type']!r} is invalid without flash "
+                "attention: llama.cpp needs JARVIS_FLASH_ATTN=true for a quantized KV cache"
+            )
+        llm["flash_attn"] = True  # a quantized KV cache needs it, and nobody said otherwise
+    _resolve_prompt_file(llm, sources)
+
+
+def _resolve_prompt_file(llm: dict[str, Any], sources: dict[str, str]) -> None:
     prompt_file: Path | None = llm["system_prompt_file"]
     if prompt_file is not None:
         if sources.get("JARVIS_SYSTEM_PROMPT", "default") != "default":

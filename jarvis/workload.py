@@ -40,7 +40,7 @@ DIALOGUES: tuple[tuple[str, ...], ...] = (
 
 
 def home_system_prompt() -> str:
-    """The bundled ~600-token household system prompt."""
+    """The bundled ~1,100-token household system prompt."""
     return HOME_SYSTEM_PROMPT_FILE.read_text(encoding="utf-8").strip()
 
 

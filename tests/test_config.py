@@ -82,7 +82,8 @@ def test_model_that_is_not_gguf(tmp_path: Path) -> None:
 def test_cross_field_rules(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="JARVIS_FLASH_ATTN=true"):
         load_settings({"JARVIS_KV_CACHE_TYPE": "q8_0", "JARVIS_FLASH_ATTN": "false"})
-    assert load_settings({"JARVIS_KV_CACHE_TYPE": "q8_0"}).llm.flash_attn
+    assert not load_settings({}).llm.flash_attn  # slower per turn on CPUs like this one
+    assert load_settings({"JARVIS_KV_CACHE_TYPE": "q8_0"}).llm.flash_attn  # needed: turned on
     with pytest.raises(ConfigError, match="must not exceed JARVIS_N_BATCH=256"):
         load_settings({"JARVIS_N_BATCH": "256", "JARVIS_N_UBATCH": "512"})
     assert load_settings({"JARVIS_N_THREADS": "3"}).llm.n_threads_batch == 3

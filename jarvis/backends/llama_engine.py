@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from jarvis.backends.base import ChatMessage, FinishReason, GenerationOptions, GenerationStats
-from jarvis.cache import ContextCache, file_identity, fingerprint
+from jarvis.cache import ContextCache, State, file_identity, fingerprint
 from jarvis.config import LlmSettings
 from jarvis.errors import BackendClosedError, BackendError, ModelError, PromptTooLongError
 
@@ -485,27 +485,37 @@ class LlamaEngine:
         self.cache.store(tokens, state, save_s=time.perf_counter() - t)
         return True
 
-    def _snapshot(self) -> bytes:
-        """The KV state of sequence 0 (no logits: we always re-evaluate one token)."""
+    def _snapshot(self) -> bytearray:
+        """The KV state of sequence 0 (no logits: we always re-evaluate one token).
+
+        Written straight into the bytearray that the cache keeps: fresh memory costs a
+        page fault per 4 KiB, and a second copy of ~30 MB doubled the time a switch of
+        conversations spends saving (measured 50 ms → 27 ms here)."""
         lib, ctx = self._llama_cpp, self._llm.ctx
         size = lib.llama_state_seq_get_size(ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(ctx, buf, size, 0)
+        state = bytearray(size)
+        written = lib.llama_state_seq_get_data(ctx, (ctypes.c_uint8 * size).from_buffer(state),
+                                               size, 0)
         if written == 0:
             raise BackendError("llama.cpp returned an empty state snapshot")
-        return ctypes.string_at(buf, written)
+        del state[written:]
+        return state
 
-    def _restore(self, tokens: tuple[int, ...], state: bytes, keep: int) -> bool:
+    def _restore(self, tokens: tuple[int, ...], state: State, keep: int) -> bool:
         """Load ``state`` (the KV of ``tokens``) and cut it back to ``keep`` tokens.
         False (and the context left empty) when llama.cpp rejects the state."""
         lib, llm = self._llama_cpp, self._llm
         mem = lib.llama_get_memory(llm.ctx)
-        lib.llama_memory_clear(mem, True)
-        src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+        lib.llama_memory_clear(mem, False)  # the cells only: zeroing ~100 MB took ~12 ms
+        src: Any
+        if isinstance(state, bytearray):  # a snapshot taken here: no copy needed
+            src = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        else:  # read from disk
+            src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
         if lib.llama_state_seq_set_data(llm.ctx, src, len(state), 0) != len(state):
             log.warning("context cache: llama.cpp rejected a saved state of %d tokens; "
                         "evaluating the prompt instead", len(tokens))
-            lib.llama_memory_clear(mem, True)
+            lib.llama_memory_clear(mem, False)
             llm.n_tokens = 0
             return False
         llm.input_ids[: len(tokens)] = tokens

@@ -246,6 +246,10 @@ VARIABLES: tuple[Variable, ...] = (
              "where the system-prompt state persists across restarts; empty = no persistence"),
     Variable("JARVIS_DISK_CACHE_BYTES", "cache", "disk_max_bytes", parse_size, "1GiB",
              "most disk space the persisted contexts may use"),
+    Variable("JARVIS_CACHE_SLIDE", "cache", "slide", _bool, "true",
+             "when a conversation's oldest turns are dropped, slide the rest of its KV state "
+             "back instead of evaluating it again (near-instant; the kept turns were computed "
+             "with the dropped ones in view, so such states are never cached)"),
     Variable("JARVIS_CACHE_PERSIST_RECENT", "cache", "persist_recent", _int(0, 1000), "4",
              "recent conversations also saved to disk at shutdown; 0 = only the system prompt"),
     # --- audio devices
@@ -375,6 +379,8 @@ class CacheSettings:
     dir: Path | None
     disk_max_bytes: int
     persist_recent: int
+    slide: bool = True
+    """Drop trimmed turns from the live KV state and slide the rest back (see env.example)."""
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,36 @@ def test_switching_conversations_restores_instead_of_reevaluating(tmp_path: Path
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("slide", [True, False])
+def test_dropping_old_turns_slides_the_state_back_instead_of_evaluating_it(
+    tmp_path: Path, slide: bool
+) -> None:
+    settings = make_settings(tmp_path, CACHE_DIR="", SYSTEM_PROMPT="You are Jarvis.",
+                             MAX_TOKENS="24", CACHE_SLIDE=str(slide).lower())
+
+    async def run() -> None:
+        async with backend_for(settings, prefill=True) as backend:
+            conv = Conversation(settings.llm.system_prompt, max_turns=4)
+            for index in range(5):  # the fifth turn drops the oldest three
+                text = turn(0, index)
+                reply, _ = await backend.complete(conv.messages(text))
+                conv.add_turn(text, reply)
+            assert len(conv.turns) == 2
+            reply, stats = await backend.complete(conv.messages("And what about lunch?"))
+            assert reply.strip()
+            if slide:  # the two kept turns were reused, only the new request evaluated
+                assert "cache_slide" in stats.stages, stats
+                assert stats.evaluated_prompt_tokens < 30, stats
+                # Slid KV is right for this conversation but is no cache entry's truth:
+                # it is never snapshotted.
+                assert not backend.engine._store_live()
+            else:  # the kept turns are evaluated again
+                assert "cache_slide" not in stats.stages
+                assert stats.evaluated_prompt_tokens > 60, stats
+
+    asyncio.run(run())
+
+
 def test_byte_cap_is_never_exceeded(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, CACHE_DIR="", MAX_CACHE_BYTES="40MiB", MAX_TOKENS="16",
                              SYSTEM_PROMPT=home_system_prompt())

@@ -17,8 +17,9 @@ class Conversation:
     system_prompt: str
     max_turns: int = 16
     """Completed turns kept. When there are more, the oldest half go at once: every
-    trim changes the prompt right after the system prompt and costs a re-evaluation of
-    the history, so trimming rarely (and in bulk) keeps the context cache hitting."""
+    trim changes the prompt right after the system prompt, so the backend must slide
+    the kept turns' KV state back (``JARVIS_CACHE_SLIDE``) or evaluate them again;
+    trimming rarely and in bulk keeps either cheap."""
     turns: list[tuple[str, str]] = field(default_factory=list)
 
     def messages(self, user_text: str) -> list[ChatMessage]:

@@ -26,8 +26,10 @@ bench: setup
 	$(PY) scripts/test_latency.py --iterations 5
 	$(PY) scripts/test_latency.py --concurrent --iterations 5
 	$(PY) bench/cache_bench.py
+	$(PY) bench/cache_bench.py --think-time 1
+	$(PY) bench/attention_bench.py
 	$(PY) bench/speech_bench.py
-	$(PY) bench/voice_bench.py
+	$(PY) bench/voice_bench.py --compare-endpoint
 	$(PY) bench/mqtt_bench.py
 
 clean:

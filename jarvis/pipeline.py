@@ -522,7 +522,7 @@ class _SpokenText:
 
 
 async def _gated(chunks: AsyncIterable[TtsChunk]) -> AsyncIterator[TtsChunk]:
-    """``chunks``, the first one held until the turn is committed."""
+    """``chunks``, each held until the turn is committed (only the first ever waits)."""
     async for chunk in chunks:
         await VoicePipeline._committed()
         yield chunk

@@ -347,6 +347,7 @@ class LlamaEngine:
             t = time.perf_counter()
             if self._store_live():
                 stages["cache_save"] = time.perf_counter() - t
+                match = self.cache.lookup(tokens[:reusable])  # the store may have evicted it
         if match is not None and match.length > live:
             t = time.perf_counter()
             with self.cache.using(match.entry):

@@ -112,7 +112,8 @@ class TurnResult:
     interrupted: bool = False
     ignored: bool = False
     latency: dict[str, float] = field(default_factory=dict)
-    """Seconds: endpoint, asr, llm_ttft, tts_first, voice_to_voice, total."""
+    """Seconds: endpoint (the silence waited before the turn started: the likely end
+    when it started speculatively), asr, llm_ttft, tts_first, voice_to_voice, total."""
 
 
 class VoicePipeline:

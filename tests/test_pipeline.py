@@ -19,7 +19,7 @@ from jarvis.audio.formats import ASR_RATE, to_float32
 from jarvis.audio.resample import resample
 from jarvis.audio.silero import Endpointer
 from jarvis.events import EventType, PipelineEvent
-from jarvis.pipeline import VoicePipeline, file_chunks
+from jarvis.pipeline import Intercepted, VoicePipeline, file_chunks
 from jarvis.sinks import WavReplySink
 from jarvis.tts import TtsChunk, TtsError
 from tests.conftest import make_settings
@@ -173,6 +173,32 @@ def test_barge_in_stops_playback_and_keeps_what_was_said(
     assert "dragon" in story_request.lower()
     assert story_told == done[0].text  # the history holds what was actually heard
     assert len(of(events, EventType.TRANSCRIPT)) == 2
+
+
+def test_a_device_command_acts_only_once_the_request_is_complete(
+    assistant: Assistant, loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    # The matcher would act on the half-heard "Turn on the": a speculative turn may
+    # ask it, but its action must wait for the endpoint and vanish when speech resumes.
+    audio = np.concatenate([silence(0.3), _trimmed(speech(assistant, "Turn on the")),
+                            silence(0.25),
+                            _trimmed(speech(assistant, "lights in the kitchen, please.")),
+                            silence(0.5)])
+    pipeline, events = new_pipeline(assistant)
+    asked: list[str] = []
+    acted: list[str] = []
+
+    async def intercept(request: str) -> Intercepted | None:
+        asked.append(request)
+        return Intercepted("Done.", lambda: acted.append(request))
+
+    pipeline.intercept = intercept
+    loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=True),
+                                         WavReplySink(tmp_path / "out")))
+    assert pipeline.speculations["abandoned"] >= 1, pipeline.speculations
+    assert len(acted) == 1 and "kitchen" in acted[0].lower(), (asked, acted)
+    assert [u for u, _ in pipeline.conversation.turns] == acted
+    assert [e.text for e in of(events, EventType.REPLY_DONE)] == ["Done."]
 
 
 def test_wake_phrase_and_follow_up(

@@ -15,7 +15,7 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jarvis.asr import normalize_words, word_error_rate
+from jarvis.asr import word_error_rate
 from jarvis.audio import ASR_RATE, resample, to_float32
 from jarvis.cli_speech import register
 from jarvis.errors import ModelError
@@ -393,4 +393,6 @@ def test_say_plays_through_the_sound_device(tmp_path: Path) -> None:
     assert np.count_nonzero(played) > 22050  # over a second of sound reached the device
     heard = loaded_asr().transcribe(np.concatenate(
         [silence(0.3), resample(to_float32(played), 22050, ASR_RATE)])).text
-    assert normalize_words(heard) == normalize_words(sentence), heard
+    # piper's synthesis is stochastic and tiny.en mishears it now and then ("Pern on
+    # the kitchen lights", about one run in ten): one wrong word in five is allowed.
+    assert word_error_rate(sentence, heard) <= 0.2, heard

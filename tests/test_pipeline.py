@@ -132,7 +132,9 @@ def test_a_pause_inside_a_request_is_not_answered_early(
     loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=True), sink))
     assert pipeline.speculations["abandoned"] >= 1, pipeline.speculations
     transcripts = [e.text for e in of(events, EventType.TRANSCRIPT)]
-    assert len(transcripts) == 1 and {"turn", "kitchen"} <= words(transcripts[0]), transcripts
+    # One transcript of both halves ("Turn on the" + 5 words; tiny.en may mishear "Turn").
+    assert len(transcripts) == 1 and "kitchen" in words(transcripts[0]), transcripts
+    assert len(transcripts[0].split()) >= 7, transcripts
     assert len(of(events, EventType.THINKING)) == 1
     assert len(of(events, EventType.REPLY_DONE)) == 1 and len(sink.written) == 1
     assert [u for u, _ in pipeline.conversation.turns] == transcripts

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from jarvis.asr import word_errors
+from jarvis.asr import word_error_rate
 from jarvis.assistant import Assistant, build_assistant
 from jarvis.audio.formats import ASR_RATE, to_float32
 from jarvis.audio.resample import resample
@@ -61,8 +61,7 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def wer(texts: list[str], heard: list[str]) -> float:
     """Word error rate of everything heard against everything said."""
-    errors, count = word_errors(" ".join(texts), " ".join(heard))
-    return errors / max(1, count)
+    return word_error_rate(" ".join(texts), " ".join(heard))
 
 
 async def ours(a: Assistant, texts: list[str], audios: list[np.ndarray], out: Path,

@@ -118,15 +118,21 @@ def _trimmed(audio: np.ndarray) -> np.ndarray:
     return audio[loud[0]:loud[-1] + 1]
 
 
+def _request_with_a_pause(assistant: Assistant) -> np.ndarray:
+    """"Turn on the", 250 ms of silence, "lights in the kitchen, please.": the pause
+    is past the 150 ms likely end and short of the 300 ms endpoint."""
+    return np.concatenate([silence(0.3), _trimmed(speech(assistant, "Turn on the")),
+                           silence(0.25),
+                           _trimmed(speech(assistant, "lights in the kitchen, please.")),
+                           silence(0.5)])
+
+
 def test_a_pause_inside_a_request_is_not_answered_early(
     assistant: Assistant, loop: asyncio.AbstractEventLoop, tmp_path: Path
 ) -> None:
     # 250 ms of silence mid-sentence: past the 150 ms likely end, short of the 300 ms
     # endpoint. The turn started on "Turn on the" must vanish without a trace.
-    audio = np.concatenate([silence(0.3), _trimmed(speech(assistant, "Turn on the")),
-                            silence(0.25),
-                            _trimmed(speech(assistant, "lights in the kitchen, please.")),
-                            silence(0.5)])
+    audio = _request_with_a_pause(assistant)
     pipeline, events = new_pipeline(assistant)
     sink = WavReplySink(tmp_path / "out")
     loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=True), sink))
@@ -182,10 +188,7 @@ def test_a_device_command_acts_only_once_the_request_is_complete(
 ) -> None:
     # The matcher would act on the half-heard "Turn on the": a speculative turn may
     # ask it, but its action must wait for the endpoint and vanish when speech resumes.
-    audio = np.concatenate([silence(0.3), _trimmed(speech(assistant, "Turn on the")),
-                            silence(0.25),
-                            _trimmed(speech(assistant, "lights in the kitchen, please.")),
-                            silence(0.5)])
+    audio = _request_with_a_pause(assistant)
     pipeline, events = new_pipeline(assistant)
     asked: list[str] = []
     acted: list[str] = []

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from jarvis.config import load_settings
-from jarvis.workload import home_system_prompt
+from jarvis.evaluation.dialogues import home_system_prompt
 
 
 def timed(llm: Any, tokens: list[int], keep: int) -> float:

@@ -34,11 +34,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
-from jarvis.backends.llama_cpp import LlamaCppBackend
 from jarvis.config import Settings, load_settings
-from jarvis.dialogue import Conversation
+from jarvis.evaluation.dialogues import HOME_SYSTEM_PROMPT_FILE, home_system_prompt, turn
 from jarvis.latency import percentile
-from jarvis.workload import HOME_SYSTEM_PROMPT_FILE, home_system_prompt, turn
+from jarvis.llm.dialogue import Conversation
+from jarvis.llm.llama_cpp import LlamaCppBackend
 
 MAX_TOKENS = 32
 THINK_TIME_S = 0.0

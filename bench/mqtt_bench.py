@@ -35,12 +35,12 @@ from typing import Any
 import aiomqtt
 
 from jarvis import __version__
-from jarvis.backends.llama_cpp import LlamaCppBackend
 from jarvis.config import Settings, load_settings
-from jarvis.device_map import load_device_map
-from jarvis.hub import HubAssistant
+from jarvis.devices.device_map import load_device_map
+from jarvis.home.bridge import BridgeOptions, MqttBridge
+from jarvis.home.hub import HubAssistant
 from jarvis.latency import percentile
-from jarvis.mqtt import BridgeOptions, MqttBridge
+from jarvis.llm.llama_cpp import LlamaCppBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "jarvis/bench"

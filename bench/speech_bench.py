@@ -39,11 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from jarvis.asr import Transcript, WhisperAsr, word_errors
-from jarvis.audio import ASR_RATE, FloatArray, SileroVad, read_audio, resample
-from jarvis.audio.silero import FRAME
+from jarvis.audio import ASR_RATE, FloatArray, read_audio, resample
 from jarvis.config import load_settings
-from jarvis.tts import PhraseCache, PiperTts, split_sentences
+from jarvis.evaluation.wer import word_errors
+from jarvis.speech.asr import Transcript, WhisperAsr
+from jarvis.speech.silero import FRAME, SileroVad
+from jarvis.speech.tts import PhraseCache, PiperTts, split_sentences
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"

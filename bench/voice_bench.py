@@ -32,19 +32,19 @@ from typing import Any
 
 import numpy as np
 
-from jarvis.asr import word_error_rate
-from jarvis.assistant import Assistant, build_assistant
 from jarvis.audio.formats import ASR_RATE, to_float32
 from jarvis.audio.resample import resample
-from jarvis.audio.silero import Endpointer
-from jarvis.audio.vad import SegmenterConfig
 from jarvis.config import load_settings
-from jarvis.dialogue import Conversation
-from jarvis.events import EventType, PipelineEvent
+from jarvis.evaluation.dialogues import DIALOGUES
+from jarvis.evaluation.wer import word_error_rate
 from jarvis.latency import percentile
-from jarvis.pipeline import VoicePipeline, file_chunks, spoken_turns
-from jarvis.sinks import WavReplySink
-from jarvis.workload import DIALOGUES
+from jarvis.llm.dialogue import Conversation
+from jarvis.speech.silero import Endpointer
+from jarvis.speech.vad import SegmenterConfig
+from jarvis.voice.assembly import Assistant, build_assistant
+from jarvis.voice.events import EventType, PipelineEvent
+from jarvis.voice.pipeline import VoicePipeline, file_chunks, spoken_turns
+from jarvis.voice.sinks import WavReplySink
 
 
 def speech(a: Assistant, text: str) -> np.ndarray:

@@ -2,6 +2,6 @@
 
 import sys
 
-from jarvis.cli import main
+from jarvis.cli.main import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@
                                    [--clients N] [--json FILE]
 
 The workload: a ~600-token household system prompt, multi-turn follow-ups, short
-spoken-style requests (``jarvis.workload``). First one *cold* request (empty context,
+spoken-style requests (``jarvis.evaluation.dialogues``). First one *cold* request (empty context,
 empty cache: what a restart without the cache would pay), then the measured run:
 
 * sequential (default): ``--clients`` conversations (default 1), ``--iterations``
@@ -31,13 +31,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from jarvis.backends.base import ChatMessage
-from jarvis.backends.llama_cpp import LlamaCppBackend
 from jarvis.config import Settings, load_settings
-from jarvis.dialogue import Conversation
 from jarvis.errors import JarvisError
+from jarvis.evaluation.dialogues import home_system_prompt, turn
 from jarvis.latency import LatencySummary, LatencyTracker, RequestRecord
-from jarvis.workload import home_system_prompt, turn
+from jarvis.llm.base import ChatMessage
+from jarvis.llm.dialogue import Conversation
+from jarvis.llm.llama_cpp import LlamaCppBackend
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jarvis.asr import (
+from jarvis.audio import AudioFormatError, to_int16
+from jarvis.cli.speech import register
+from jarvis.errors import ModelError
+from jarvis.evaluation.wer import word_error_rate, word_errors
+from jarvis.models import starter_asr_path
+from jarvis.speech.asr import (
     AsrError,
     WhisperAsr,
     normalize_words,
     resolve_model,
-    word_error_rate,
-    word_errors,
 )
-from jarvis.audio import AudioFormatError, to_int16
-from jarvis.cli_speech import register
-from jarvis.errors import ModelError
-from jarvis.models import starter_asr_path
 from tests.test_speech_support import (
     COMMANDS,
     JFK,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jarvis.workload import HOME_SYSTEM_PROMPT_FILE
+from jarvis.evaluation.dialogues import HOME_SYSTEM_PROMPT_FILE
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from jarvis.backends.base import ChatMessage, GenerationStats
-from jarvis.backends.llama_cpp import LlamaCppBackend
 from jarvis.config import Settings
-from jarvis.dialogue import Conversation
-from jarvis.workload import home_system_prompt, turn
+from jarvis.evaluation.dialogues import home_system_prompt, turn
+from jarvis.llm.base import ChatMessage, GenerationStats
+from jarvis.llm.dialogue import Conversation
+from jarvis.llm.llama_cpp import LlamaCppBackend
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow
@@ -169,7 +169,7 @@ def test_corrupt_record_is_a_miss_with_a_warning(
                              CACHE_PERSIST_RECENT="0")
     reference, _, _ = ask_once(settings, "Who is Mia?")
     assert _scribble(tmp_path / "ctx-cache", mode) >= 1
-    with caplog.at_level(logging.WARNING, logger="jarvis.cache"):
+    with caplog.at_level(logging.WARNING, logger="jarvis.llm.cache"):
         reply, cached, _ = ask_once(settings, "Who is Mia?")
     assert cached == 0  # a miss, never a wrong state
     assert reply == reference

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jarvis.device_map import DeviceMap, DeviceMapError, load_device_map, parse_device_map
-from jarvis.intent_llm import ActionChooser, action_grammar, chooser_messages, parse_choice
-from jarvis.intents import Ambiguous, IntentMatcher, Matched, NoMatch
+from jarvis.devices.chooser import ActionChooser, action_grammar, chooser_messages, parse_choice
+from jarvis.devices.device_map import DeviceMap, DeviceMapError, load_device_map, parse_device_map
+from jarvis.devices.intents import Ambiguous, IntentMatcher, Matched, NoMatch
 from tests.test_mqtt_support import LoopThread, backend, loop_thread  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from jarvis.backends.base import ChatMessage, GenerationOptions, GenerationStats
-from jarvis.backends.llama_cpp import LlamaCppBackend
 from jarvis.config import Settings
-from jarvis.dialogue import Conversation
 from jarvis.errors import BackendClosedError, PromptTooLongError
+from jarvis.llm.base import ChatMessage, GenerationOptions, GenerationStats
+from jarvis.llm.dialogue import Conversation
+from jarvis.llm.llama_cpp import LlamaCppBackend
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow

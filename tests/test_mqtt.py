@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from jarvis.backends.base import ChatMessage, GenerationOptions, GenerationStats
-from jarvis.device_map import load_device_map
+from jarvis.devices.device_map import load_device_map
 from jarvis.errors import BackendError
-from jarvis.mqtt_schema import AskCommand, PayloadError, Topics, parse_command
+from jarvis.home.schema import AskCommand, PayloadError, Topics, parse_command
+from jarvis.llm.base import ChatMessage, GenerationOptions, GenerationStats
 from tests.test_mqtt_support import (
     LoopThread,
     Mosquitto,
@@ -323,7 +323,7 @@ def test_transcripts_go_to_base_and_hermes_topics(hub: Hub) -> None:
 
 
 def test_voice_pipeline_events_reach_mqtt(hub: Hub) -> None:
-    from jarvis.events import EventType, PipelineEvent
+    from jarvis.voice.events import EventType, PipelineEvent
 
     events = [
         PipelineEvent(EventType.LISTENING),
@@ -630,7 +630,7 @@ def test_parse_command_schema_details() -> None:
 
 
 def test_dumps_never_writes_invalid_json() -> None:
-    from jarvis.mqtt_schema import dumps
+    from jarvis.home.schema import dumps
 
     data = json.loads(dumps({"a": float("nan"), "b": [float("inf"), 1.5], "c": Path("/x")}))
     assert data == {"a": None, "b": [None, 1.5], "c": "/x"}
@@ -639,7 +639,7 @@ def test_dumps_never_writes_invalid_json() -> None:
 def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
     import random
 
-    from jarvis.mqtt_transport import Backoff
+    from jarvis.home.transport import Backoff
 
     backoff = Backoff(0.25, 4.0, random.Random(7))
     delays = [backoff.next() for _ in range(12)]

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from jarvis.config import load_settings
-from jarvis.hub import HubAssistant, run_hub
-from jarvis.mqtt import MqttAuthError, MqttBridge, MqttConfigError, MqttConnectionError
-from jarvis.mqtt_transport import AiomqttTransport, Connection, Received, Transport, Will
+from jarvis.home.bridge import MqttAuthError, MqttBridge, MqttConfigError, MqttConnectionError
+from jarvis.home.hub import HubAssistant, run_hub
+from jarvis.home.transport import AiomqttTransport, Connection, Received, Transport, Will
 from tests.test_mqtt_support import (
     FAST,
     LoopThread,
@@ -351,7 +351,7 @@ def test_mutual_tls(loop_thread: LoopThread, backend: Any, tmp_path: Path) -> No
 HUB_COMMAND = (
     "import argparse, sys\n"
     "from jarvis.config import load_settings\n"
-    "from jarvis.cli_mqtt import register\n"
+    "from jarvis.cli.mqtt import register\n"
     "parser = argparse.ArgumentParser(prog='jarvis')\n"
     "register(parser.add_subparsers(dest='command'))\n"
     "args = parser.parse_args(['hub'])\n"

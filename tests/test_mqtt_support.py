@@ -24,11 +24,11 @@ from typing import Any, TypeVar
 import aiomqtt
 import pytest
 
-from jarvis.backends.llama_cpp import LlamaCppBackend
 from jarvis.config import Settings, load_settings
-from jarvis.device_map import DeviceMap, load_device_map
-from jarvis.hub import HubAssistant
-from jarvis.mqtt import BridgeOptions, MqttBridge
+from jarvis.devices.device_map import DeviceMap, load_device_map
+from jarvis.home.bridge import BridgeOptions, MqttBridge
+from jarvis.home.hub import HubAssistant
+from jarvis.llm.llama_cpp import LlamaCppBackend
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "mosquitto-test.conf"

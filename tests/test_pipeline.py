@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jarvis.assistant import Assistant, build_assistant
 from jarvis.audio.files import read_audio
 from jarvis.audio.formats import ASR_RATE, to_float32
 from jarvis.audio.resample import resample
-from jarvis.audio.silero import Endpointer
-from jarvis.events import EventType, PipelineEvent
-from jarvis.pipeline import Intercepted, VoicePipeline, file_chunks
-from jarvis.sinks import WavReplySink
-from jarvis.tts import TtsChunk, TtsError
+from jarvis.speech.silero import Endpointer
+from jarvis.speech.tts import TtsChunk, TtsError
+from jarvis.voice.assembly import Assistant, build_assistant
+from jarvis.voice.events import EventType, PipelineEvent
+from jarvis.voice.pipeline import Intercepted, VoicePipeline, file_chunks
+from jarvis.voice.sinks import WavReplySink
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests for jarvis.prefix_store: unit tests per rule plus Hypothesis state-machine tests."""
+"""Tests for jarvis.llm.prefix_store: unit tests per rule plus Hypothesis state-machine tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from jarvis.prefix_store import Entry, Match, PrefixStore, StoreStats
+from jarvis.llm.prefix_store import Entry, Match, PrefixStore, StoreStats
 
 
 def lcp(a: Sequence[int], b: Sequence[int]) -> int:

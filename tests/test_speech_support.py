@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jarvis.asr import WhisperAsr
-from jarvis.audio import ASR_RATE, FloatArray, SileroVad, read_audio, resample
+from jarvis.audio import ASR_RATE, FloatArray, read_audio, resample
 from jarvis.config import Settings, load_settings
-from jarvis.tts import PiperTts
+from jarvis.speech.asr import WhisperAsr
+from jarvis.speech.silero import SileroVad
+from jarvis.speech.tts import PiperTts
 
 DATA = Path(__file__).resolve().parent / "data"
 JFK = DATA / "jfk-16k-mono.wav"
@@ -151,7 +152,7 @@ def strip_zeros(samples: np.ndarray) -> np.ndarray:
 
 CLI_SCRIPT = """
 import argparse, sys
-from jarvis.cli_speech import register
+from jarvis.cli.speech import register
 from jarvis.config import load_settings
 from jarvis.errors import JarvisError
 parser = argparse.ArgumentParser(prog="jarvis")
@@ -163,7 +164,7 @@ except JarvisError as exc:
     print(f"jarvis: error: {exc}", file=sys.stderr)
     sys.exit(2)
 """
-"""The speech subcommands run the way ``jarvis.cli`` runs them (one line per error, exit 2)."""
+"""The speech subcommands run the way ``jarvis.cli.main`` runs them (one line per error, exit 2)."""
 
 
 # --------------------------------------------------------------------------- self-tests

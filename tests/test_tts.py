@@ -15,12 +15,19 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jarvis.asr import word_error_rate
 from jarvis.audio import ASR_RATE, resample, to_float32
-from jarvis.cli_speech import register
+from jarvis.cli.speech import register
 from jarvis.errors import ModelError
+from jarvis.evaluation.wer import word_error_rate
 from jarvis.models import starter_voice_path
-from jarvis.tts import PhraseCache, PiperTts, SentenceSplitter, TtsChunk, TtsError, split_sentences
+from jarvis.speech.tts import (
+    PhraseCache,
+    PiperTts,
+    SentenceSplitter,
+    TtsChunk,
+    TtsError,
+    split_sentences,
+)
 from tests.test_speech_support import (
     CLI_SCRIPT,
     default_settings,

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from jarvis.asr import word_error_rate
-from jarvis.audio import (
-    ASR_RATE,
-    Endpointer,
+from jarvis.audio import ASR_RATE, file_source
+from jarvis.evaluation.wer import word_error_rate
+from jarvis.speech.silero import FRAME, Endpointer
+from jarvis.speech.vad import (
     EndReason,
     FramesDropped,
     PauseDetected,
@@ -23,9 +23,7 @@ from jarvis.audio import (
     SpeechStarted,
     UtteranceEnded,
     VadEvent,
-    file_source,
 )
-from jarvis.audio.silero import FRAME
 from tests.test_speech_support import (
     JFK,
     JFK_TEXT,

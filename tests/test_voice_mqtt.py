@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from jarvis.assistant import build_assistant
 from jarvis.audio.formats import ASR_RATE, to_float32
 from jarvis.audio.resample import resample
-from jarvis.events import EventType, PipelineEvent
-from jarvis.pipeline import spoken_turns
-from jarvis.sinks import WavReplySink
-from jarvis.voice_mqtt import attach_mqtt
+from jarvis.home.voice import attach_mqtt
+from jarvis.voice.assembly import build_assistant
+from jarvis.voice.events import EventType, PipelineEvent
+from jarvis.voice.pipeline import spoken_turns
+from jarvis.voice.sinks import WavReplySink
 from tests.conftest import make_settings
 from tests.test_mqtt_support import Mosquitto, mosquitto, probe  # noqa: F401
 

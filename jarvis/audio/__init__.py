@@ -1,4 +1,4 @@
-"""Audio in and out: formats, resampling, files, sound devices, voice activity detection.
+"""Audio in and out, nothing else: formats, resampling, files, sound devices, streams.
 
 ::
 
@@ -9,9 +9,11 @@
     stream.py     Microphone (async chunks in), Speaker (async chunks out)
     vad.py        the endpointing state machine (pure: frames in, events out)
     silero.py     Silero VAD scoring and the Endpointer that combines both
-    piper_voice.py  a piper voice whose waveform decoder runs in pieces (used by jarvis.tts)
+    piper_voice.py  a piper voice whose waveform decoder runs in pieces (used by jarvis.speech.tts)
 
-Importing this package loads neither PortAudio nor onnxruntime; they load on first use.
+Importing this package does not load PortAudio; it loads on first use. Voice activity
+detection lives in :mod:`jarvis.speech`. This package imports nothing else of Jarvis
+but :mod:`jarvis.errors`.
 Errors: :class:`AudioError`, :class:`AudioFormatError`, :class:`AudioDeviceError`
 (see :mod:`jarvis.audio.errors`).
 """
@@ -31,19 +33,7 @@ from jarvis.audio.formats import (
     to_mono,
 )
 from jarvis.audio.resample import Resampler, resample
-from jarvis.audio.silero import Endpointer, SileroVad
 from jarvis.audio.stream import Microphone, Speaker
-from jarvis.audio.vad import (
-    EndReason,
-    FramesDropped,
-    PauseDetected,
-    Segmenter,
-    SegmenterConfig,
-    SpeechResumed,
-    SpeechStarted,
-    UtteranceEnded,
-    VadEvent,
-)
 
 __all__ = [
     "ASR_RATE",
@@ -52,22 +42,11 @@ __all__ = [
     "AudioError",
     "AudioFormatError",
     "DeviceInfo",
-    "EndReason",
-    "Endpointer",
     "FloatArray",
-    "FramesDropped",
     "Int16Array",
     "Microphone",
-    "PauseDetected",
     "Resampler",
-    "Segmenter",
-    "SegmenterConfig",
-    "SileroVad",
     "Speaker",
-    "SpeechResumed",
-    "SpeechStarted",
-    "UtteranceEnded",
-    "VadEvent",
     "WavSink",
     "file_source",
     "iter_file_chunks",

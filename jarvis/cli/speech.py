@@ -2,7 +2,7 @@
 
 :func:`register` adds them to the main parser; each handler takes the parsed
 arguments and the settings and returns the exit status. Errors are
-:class:`~jarvis.errors.JarvisError` subclasses, printed by ``jarvis.cli`` as one line.
+:class:`~jarvis.errors.JarvisError` subclasses, printed by ``jarvis.cli.main`` as one line.
 Results go to stdout, timings to stderr (so ``jarvis transcribe x.wav > x.txt``
 keeps only the text).
 """
@@ -54,8 +54,8 @@ def phrase_cache_dir(settings: Settings) -> Path | None:
 
 
 def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
-    from jarvis.asr import WhisperAsr
     from jarvis.audio.files import read_audio
+    from jarvis.speech.asr import WhisperAsr
 
     audio = read_audio(args.file)  # fails fast, before the model loads
     asr = WhisperAsr(settings.asr)
@@ -91,7 +91,7 @@ async def _say(text: str, output: Path | None, settings: Settings) -> int:
     from jarvis.audio.devices import resolve_device
     from jarvis.audio.files import WavSink
     from jarvis.audio.stream import Speaker
-    from jarvis.tts import PiperTts, TtsError
+    from jarvis.speech.tts import PiperTts, TtsError
 
     if not text.strip():
         raise TtsError("nothing to say: the text is empty")

@@ -1,7 +1,7 @@
 """From a request to device commands: a fast local matcher first, the LLM second.
 
 :class:`IntentMatcher` answers "turn on the kitchen light" in microseconds with no
-model: it finds the device names of the :class:`~jarvis.device_map.DeviceMap` in the words,
+model: it finds the device names of the :class:`~jarvis.devices.device_map.DeviceMap` in the words,
 then the action phrases around them ("turn on", "switch ... off", "open", "lock", the
 device's own phrases). It understands several devices in one request ("the kitchen light
 and the porch light"), a room that picks one of two devices with the same name, and it
@@ -9,7 +9,7 @@ refuses questions ("is the light on?"), negations ("don't ...") and scheduled re
 ("... in ten minutes"), which go to the LLM as conversation instead.
 
 When the words look like a command but the matcher is not sure, the grammar-constrained
-fallback (:mod:`jarvis.intent_llm`) lets the LLM pick one (device, action) pair of the
+fallback (:mod:`jarvis.devices.chooser`) lets the LLM pick one (device, action) pair of the
 map, or none. Either way only commands built by :meth:`DeviceMap.command` are returned.
 """
 
@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from jarvis.device_map import Device, DeviceCommand, DeviceMap, words
+from jarvis.devices.device_map import Device, DeviceCommand, DeviceMap, words
 
 
 def _wordset(text: str) -> frozenset[str]:

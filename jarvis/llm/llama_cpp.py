@@ -1,5 +1,5 @@
 """The llama.cpp backend for asyncio: :class:`LlamaCppBackend` runs the blocking
-:class:`~jarvis.backends.llama_engine.LlamaEngine` in a worker thread and streams its
+:class:`~jarvis.llm.engine.LlamaEngine` in a worker thread and streams its
 tokens to the event loop, one request at a time in arrival order (an
 ``asyncio.Lock`` is FIFO, so no client starves)."""
 
@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jarvis.backends.base import ChatMessage, GenerationOptions, GenerationStats
-from jarvis.backends.llama_engine import LlamaEngine
-from jarvis.cache import ContextCache
 from jarvis.config import CacheSettings, LlmSettings
 from jarvis.errors import BackendClosedError
+from jarvis.llm.base import ChatMessage, GenerationOptions, GenerationStats
+from jarvis.llm.cache import ContextCache
+from jarvis.llm.engine import LlamaEngine
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class _Failed:
 
 
 class LlamaTokenStream:
-    """Text pieces of one reply; see :class:`jarvis.backends.base.TokenStream`."""
+    """Text pieces of one reply; see :class:`jarvis.llm.base.TokenStream`."""
 
     def __init__(
         self, backend: LlamaCppBackend, messages: Sequence[ChatMessage], options: GenerationOptions

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from jarvis.backends.base import LLMBackend
 from jarvis.config import Settings
-from jarvis.device_map import DeviceMap, load_device_map
-from jarvis.hub import HubAssistant
-from jarvis.intents import Ambiguous, Matched
-from jarvis.mqtt import Answer, MqttBridge
-from jarvis.pipeline import AudioSink, Intercepted, VoicePipeline
+from jarvis.devices.device_map import DeviceMap, load_device_map
+from jarvis.devices.intents import Ambiguous, Matched
+from jarvis.home.bridge import Answer, MqttBridge
+from jarvis.home.hub import HubAssistant
+from jarvis.llm.base import LLMBackend
+from jarvis.voice.pipeline import AudioSink, Intercepted, VoicePipeline
 
 
 class VoiceMqttAssistant(HubAssistant):

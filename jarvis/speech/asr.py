@@ -383,24 +383,6 @@ def normalize_words(text: str) -> list[str]:
     return [w.strip("'") for w in text.split() if w.strip("'")]
 
 
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(substitutions + deletions + insertions, reference word count) after
-    :func:`normalize_words`; word error rate = errors / count."""
-    ref, hyp = normalize_words(reference), normalize_words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        diagonal, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
-    return row[len(hyp)], len(ref)
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance / reference length (see :func:`word_errors`)."""
-    errors, count = word_errors(reference, hypothesis)
-    return errors / count if count else float(errors > 0)
-
-
 def _check_audio(audio: npt.ArrayLike) -> FloatArray:
     try:
         samples = to_float32(audio)

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from jarvis.backends.base import ChatMessage, FinishReason, GenerationOptions, GenerationStats
-from jarvis.cache import ContextCache, State, file_identity, fingerprint
 from jarvis.config import LlmSettings
 from jarvis.errors import BackendClosedError, BackendError, ModelError, PromptTooLongError
+from jarvis.llm.base import ChatMessage, FinishReason, GenerationOptions, GenerationStats
+from jarvis.llm.cache import ContextCache, State, file_identity, fingerprint
 
 log = logging.getLogger(__name__)
 

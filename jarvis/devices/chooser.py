@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from jarvis.backends.base import ChatMessage, GenerationOptions, LLMBackend
-from jarvis.device_map import Device, DeviceCommand, DeviceMap
+from jarvis.devices.device_map import Device, DeviceCommand, DeviceMap
+from jarvis.llm.base import ChatMessage, GenerationOptions, LLMBackend
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from jarvis import __version__
-from jarvis.backends.base import ChatMessage, GenerationStats
 from jarvis.config import Settings, load_settings
 from jarvis.errors import JarvisError
+from jarvis.llm.base import ChatMessage, GenerationStats
 
 log = logging.getLogger("jarvis")
 _QUIET_COMMANDS = {"ask", "config", "cache"}
@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--json", action="store_true")
     config.set_defaults(handler=_cmd_config)
 
-    from jarvis.cli_mqtt import register as register_mqtt
-    from jarvis.cli_speech import register as register_speech
+    from jarvis.cli.mqtt import register as register_mqtt
+    from jarvis.cli.speech import register as register_speech
 
     register_speech(sub)
     register_mqtt(sub)
@@ -125,7 +125,7 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _ask_spoken(text: str, settings: Settings, output: Path | None, *,
                       as_json: bool) -> int:
-    from jarvis.assistant import build_assistant
+    from jarvis.voice.assembly import build_assistant
 
     if not text.strip():
         raise JarvisError("nothing to ask: the request text is empty")
@@ -139,7 +139,7 @@ async def _ask_spoken(text: str, settings: Settings, output: Path | None, *,
 
 
 def _sink(settings: Settings, output: Path | None, *, directory: bool = False) -> Any:
-    from jarvis.sinks import SpeakerSink, WavReplySink
+    from jarvis.voice.sinks import SpeakerSink, WavReplySink
 
     if output is None:
         return SpeakerSink(settings.audio.output_device)
@@ -161,7 +161,7 @@ def _print_turn(result: Any, as_json: bool) -> None:
 
 
 async def _ask(text: str, settings: Settings, *, as_json: bool) -> int:
-    from jarvis.backends.llama_cpp import LlamaCppBackend
+    from jarvis.llm.llama_cpp import LlamaCppBackend
 
     if not text.strip():
         raise JarvisError("nothing to ask: the request text is empty")
@@ -226,12 +226,12 @@ async def _demo(settings: Settings, *, as_json: bool) -> int:
     pipeline in real time, replies written as WAVs; then the latency report."""
     import tempfile
 
-    from jarvis.assistant import build_assistant
     from jarvis.audio.formats import ASR_RATE, to_float32
     from jarvis.audio.resample import resample
-    from jarvis.events import EventType, PipelineEvent
-    from jarvis.pipeline import spoken_turns
-    from jarvis.sinks import WavReplySink
+    from jarvis.voice.assembly import build_assistant
+    from jarvis.voice.events import EventType, PipelineEvent
+    from jarvis.voice.pipeline import spoken_turns
+    from jarvis.voice.sinks import WavReplySink
 
     assistant = await build_assistant(settings)
     out = Path(tempfile.mkdtemp(prefix="jarvis-demo-"))
@@ -284,9 +284,9 @@ async def _converse(file: Path, output: Path | None, settings: Settings, *,
                     as_json: bool) -> int:
     import time
 
-    from jarvis.assistant import build_assistant
     from jarvis.audio.files import read_audio
-    from jarvis.pipeline import Utterance
+    from jarvis.voice.assembly import build_assistant
+    from jarvis.voice.pipeline import Utterance
 
     audio = read_audio(file)
     assistant = await build_assistant(settings, listen=False)
@@ -301,7 +301,7 @@ async def _converse(file: Path, output: Path | None, settings: Settings, *,
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if args.no_audio:
-        from jarvis.cli_mqtt import hub_handler
+        from jarvis.cli.mqtt import hub_handler
 
         return hub_handler(args, settings)
     return asyncio.run(_run(args, settings))
@@ -324,9 +324,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
-    from jarvis.assistant import build_assistant
     from jarvis.audio.files import file_source
     from jarvis.audio.stream import Microphone
+    from jarvis.voice.assembly import build_assistant
 
     assistant = await build_assistant(settings)
     sink = _sink(settings, args.output, directory=True)
@@ -335,7 +335,7 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
     stop_bridge = asyncio.Event()
     try:
         if settings.mqtt.enabled:
-            from jarvis.voice_mqtt import attach_mqtt
+            from jarvis.home.voice import attach_mqtt
 
             bridge, _ = await attach_mqtt(settings, assistant.backend, assistant.pipeline, sink)
             bridge_task = asyncio.create_task(bridge.run(stop_bridge))
@@ -357,7 +357,7 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _log_event(event: Any) -> None:
-    from jarvis.events import EventType
+    from jarvis.voice.events import EventType
 
     if event.type in (EventType.TRANSCRIPT, EventType.REPLY_DONE):
         log.info("%s: %s", event.type.value, event.text)
@@ -384,14 +384,14 @@ def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
-    from jarvis.cache import disk_usage
+    from jarvis.llm.cache import disk_usage
 
     directory = settings.cache.dir
     if directory is None:
         print("persistence is off (JARVIS_CACHE_DIR is empty)")
         return 0
     if args.action == "clear":
-        from jarvis.cache import ContextCache
+        from jarvis.llm.cache import ContextCache
 
         cache = ContextCache(settings.cache)
         cache.clear(disk=True)

@@ -62,7 +62,7 @@ CorrelationId = str | int | None
 
 
 class MqttError(JarvisError):
-    """Base of the MQTT errors (see :mod:`jarvis.mqtt` for the tree)."""
+    """Base of the MQTT errors (see :mod:`jarvis.home.bridge` for the tree)."""
 
 
 class MqttConfigError(MqttError):

@@ -8,13 +8,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from jarvis.asr import WhisperAsr
-from jarvis.audio.silero import Endpointer
-from jarvis.backends.llama_cpp import LlamaCppBackend
 from jarvis.config import Settings
 from jarvis.latency import LatencyTracker
-from jarvis.pipeline import VoicePipeline
-from jarvis.tts import PiperTts
+from jarvis.llm.llama_cpp import LlamaCppBackend
+from jarvis.speech.asr import WhisperAsr
+from jarvis.speech.silero import Endpointer
+from jarvis.speech.tts import PiperTts
+from jarvis.voice.pipeline import VoicePipeline
 
 log = logging.getLogger(__name__)
 

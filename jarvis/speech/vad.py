@@ -1,7 +1,7 @@
 """Endpointing as a pure state machine: frames with a speech probability in, events out.
 
 :class:`Segmenter` knows nothing about the model that scores frames (see
-:mod:`jarvis.audio.silero`), so it can be driven by any numbers in a test. It turns a
+:mod:`jarvis.speech.silero`), so it can be driven by any numbers in a test. It turns a
 stream of ``(frame, probability)`` pairs into:
 
 - :class:`SpeechStarted` once speech has lasted ``min_speech_ms`` (shorter bursts such

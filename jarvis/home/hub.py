@@ -1,7 +1,7 @@
 """Headless hub mode: Jarvis with no audio device, text in and out over MQTT only
 (``jarvis hub``, the future ``jarvis run --no-audio``), for servers.
 
-:class:`HubAssistant` is the :class:`~jarvis.mqtt.MqttAssistant` of the hub: device
+:class:`HubAssistant` is the :class:`~jarvis.home.bridge.MqttAssistant` of the hub: device
 requests go to the local intent matcher first (answered in well under a millisecond, the
 device command published by the bridge), then, when the words look like a command the
 matcher could not settle, to the grammar-constrained LLM fallback; everything else is a
@@ -21,15 +21,15 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
-from jarvis.backends.base import GenerationOptions, GenerationStats, LLMBackend
 from jarvis.config import LatencySettings, LlmSettings, Settings
-from jarvis.device_map import DeviceCommand, DeviceMap, load_device_map
-from jarvis.dialogue import Conversation
+from jarvis.devices.chooser import ActionChooser
+from jarvis.devices.device_map import DeviceCommand, DeviceMap, load_device_map
+from jarvis.devices.intents import Ambiguous, IntentMatcher, Matched
 from jarvis.errors import JarvisError
-from jarvis.intent_llm import ActionChooser
-from jarvis.intents import Ambiguous, IntentMatcher, Matched
+from jarvis.home.bridge import Answer, BridgeOptions, MqttBridge, MqttConfigError
 from jarvis.latency import LatencyTracker, RequestRecord
-from jarvis.mqtt import Answer, BridgeOptions, MqttBridge, MqttConfigError
+from jarvis.llm.base import GenerationOptions, GenerationStats, LLMBackend
+from jarvis.llm.dialogue import Conversation
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def latency_json(stats: GenerationStats, intent: str = "chat") -> dict[str, Any]
 async def run_hub(settings: Settings, *, stop: asyncio.Event | None = None,
                   options: BridgeOptions | None = None) -> None:
     """Load the model (and the device map), then serve MQTT until ``stop`` is set."""
-    from jarvis.backends.llama_cpp import LlamaCppBackend
+    from jarvis.llm.llama_cpp import LlamaCppBackend
 
     mqtt = settings.mqtt
     if not mqtt.enabled:

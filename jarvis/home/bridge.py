@@ -1,10 +1,10 @@
 """The MQTT bridge: Jarvis on a home-automation bus (topics and JSON payloads are in
-:mod:`jarvis.mqtt_schema`, Home Assistant discovery in :mod:`jarvis.ha_discovery`).
+:mod:`jarvis.home.schema`, Home Assistant discovery in :mod:`jarvis.home.discovery`).
 
 :class:`MqttBridge` connects to the broker (``JARVIS_MQTT_*``), serves the commands of
 ``<base>/cmd/+`` and Hermes ``hermes/tts/say`` by calling an :class:`MqttAssistant`, and
 publishes replies, state, transcripts, errors, metrics and availability. The voice
-pipeline and the headless hub (:mod:`jarvis.hub`) both plug in as MqttAssistants; the
+pipeline and the headless hub (:mod:`jarvis.home.hub`) both plug in as MqttAssistants; the
 pipeline's events reach MQTT through :meth:`MqttBridge.on_pipeline_event` (or direct calls
 of :meth:`MqttBridge.publish_state` and :meth:`MqttBridge.publish_transcript`).
 
@@ -21,13 +21,13 @@ Credentials are never logged.
 Errors::
 
     JarvisError
-    ├── MqttError                  base of the MQTT errors (jarvis.mqtt_schema)
+    ├── MqttError                  base of the MQTT errors (jarvis.home.schema)
     │   ├── MqttConfigError        MQTT settings missing or unusable (hub without a host)
     │   ├── MqttConnectionError    broker unreachable or connection lost; retried
     │   │   └── MqttAuthError      credentials refused; fatal on the first connection
     │   └── PayloadError           a malformed command: published on <base>/error only
     └── ConfigError
-        └── DeviceMapError         the device map file is invalid (jarvis.device_map)
+        └── DeviceMapError         the device map file is invalid (jarvis.devices.device_map)
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from typing import Any, Protocol
 
 from jarvis import __version__
 from jarvis.config import MqttSettings
-from jarvis.device_map import DeviceCommand
+from jarvis.devices.device_map import DeviceCommand
 from jarvis.errors import JarvisError
-from jarvis.ha_discovery import discovery_messages
-from jarvis.mqtt_schema import (
+from jarvis.home.discovery import discovery_messages
+from jarvis.home.schema import (
     HERMES_SAY,
     HERMES_SAY_FINISHED,
     HERMES_TEXT_CAPTURED,
@@ -68,7 +68,7 @@ from jarvis.mqtt_schema import (
     dumps,
     parse_command,
 )
-from jarvis.mqtt_transport import (
+from jarvis.home.transport import (
     AiomqttTransport,
     Backoff,
     Connection,

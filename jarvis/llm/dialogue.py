@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jarvis.backends.base import ChatMessage
+from jarvis.llm.base import ChatMessage
 
 
 @dataclass

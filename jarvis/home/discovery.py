@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from jarvis.mqtt_schema import Topics
+from jarvis.home.schema import Topics
 
 _DURATION = {"device_class": "duration", "state_class": "measurement",
              "unit_of_measurement": "s", "suggested_display_precision": 3}

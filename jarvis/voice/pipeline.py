@@ -5,7 +5,7 @@ Two tasks joined by a bounded queue: the *listener* feeds audio to the endpointe
 (Silero VAD in a worker thread) and queues finished utterances; the *responder*
 transcribes each one, handles the wake phrase, and runs the reply as its own task,
 so barge-in can cancel it: generation stops within a token, queued audio is dropped
-and playback is cut. Every stage emits :class:`~jarvis.events.PipelineEvent`\\ s.
+and playback is cut. Every stage emits :class:`~jarvis.voice.events.PipelineEvent`\\ s.
 
 Streaming end to end: the TTS stream consumes the LLM's token stream, so the first
 clause is spoken while the model is still writing the rest.
@@ -39,17 +39,17 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from jarvis.asr import WhisperAsr
 from jarvis.audio.formats import ASR_RATE
-from jarvis.audio.silero import Endpointer
-from jarvis.audio.vad import PauseDetected, SpeechResumed, SpeechStarted, UtteranceEnded
-from jarvis.backends.base import GenerationStats, LLMBackend, TokenStream
 from jarvis.config import PipelineSettings
-from jarvis.dialogue import Conversation
 from jarvis.errors import JarvisError, PromptTooLongError
-from jarvis.events import EventType, PipelineEvent
 from jarvis.latency import LatencyTracker, RequestRecord
-from jarvis.tts import PiperTts, TtsChunk
+from jarvis.llm.base import GenerationStats, LLMBackend, TokenStream
+from jarvis.llm.dialogue import Conversation
+from jarvis.speech.asr import WhisperAsr
+from jarvis.speech.silero import Endpointer
+from jarvis.speech.tts import PiperTts, TtsChunk
+from jarvis.speech.vad import PauseDetected, SpeechResumed, SpeechStarted, UtteranceEnded
+from jarvis.voice.events import EventType, PipelineEvent
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@
   en_US-joe-medium) and warms it up; :meth:`PiperTts.stream` turns a string or an
   async iterator of text pieces into an async iterator of :class:`TtsChunk` (int16
   samples + rate). Each sentence arrives in pieces as the voice's decoder produces
-  them (:mod:`jarvis.audio.piper_voice`), so the first audio does not wait for the
+  them (:mod:`jarvis.speech.piper_voice`), so the first audio does not wait for the
   whole sentence; synthesis runs in a worker thread ahead of playback, and a small
   bounded queue between the two keeps memory flat for any length of text.
 - :class:`PhraseCache` keeps the audio of short sentences ("OK.", "Done.") on disk
@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 
 from jarvis.audio.formats import Int16Array
-from jarvis.audio.piper_voice import ChunkedVoice
 from jarvis.config import TtsSettings, physical_cores
 from jarvis.errors import JarvisError, ModelError
 from jarvis.models import starter_voice_path
+from jarvis.speech.piper_voice import ChunkedVoice
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ class PiperTts:
 
     @property
     def streaming(self) -> bool:
-        """Whether sentences are decoded in pieces (see :mod:`jarvis.audio.piper_voice`)."""
+        """Whether sentences are decoded in pieces (see :mod:`jarvis.speech.piper_voice`)."""
         return self._voice is not None and self._voice.streaming
 
     def load(self) -> None:

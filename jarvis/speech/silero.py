@@ -24,9 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from jarvis.audio.formats import ASR_RATE, FloatArray, to_float32
-from jarvis.audio.vad import Segmenter, SegmenterConfig, VadEvent
 from jarvis.config import VadSettings
 from jarvis.errors import ModelError
+from jarvis.speech.vad import Segmenter, SegmenterConfig, VadEvent
 
 FRAME = 512
 """Samples per scored frame at 16 kHz."""
@@ -92,7 +92,7 @@ class SileroVad:
 
 
 class Endpointer:
-    """Silero scoring + :class:`~jarvis.audio.vad.Segmenter` over a 16 kHz stream.
+    """Silero scoring + :class:`~jarvis.speech.vad.Segmenter` over a 16 kHz stream.
 
     ``process`` takes chunks of any length (they are re-framed into 512 samples) and
     is synchronous; ``segment`` runs it in a worker thread over an async stream.

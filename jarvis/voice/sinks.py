@@ -12,7 +12,7 @@ import numpy as np
 
 from jarvis.audio.files import write_wav
 from jarvis.audio.stream import Speaker
-from jarvis.tts import TtsChunk
+from jarvis.speech.tts import TtsChunk
 
 
 class SpeakerSink:

@@ -5,7 +5,7 @@ state (and recent conversations) persisted to disk across restarts.
 This module knows nothing of llama.cpp: a state is opaque ``bytes`` produced and
 consumed by the backend. It owns three things:
 
-* :class:`~jarvis.prefix_store.PrefixStore` in RAM (radix tree over token ids, LRU,
+* :class:`~jarvis.llm.prefix_store.PrefixStore` in RAM (radix tree over token ids, LRU,
   redundant prefixes evicted first, entries in use never evicted);
 * a ``diskcache`` directory keyed by a *fingerprint* of everything that makes a saved
   state valid (model file, context size, KV type, chat template, library version).
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jarvis.config import CacheSettings
-from jarvis.prefix_store import Entry, Match, PrefixStore
+from jarvis.llm.prefix_store import Entry, Match, PrefixStore
 
 log = logging.getLogger(__name__)
 

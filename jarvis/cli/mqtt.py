@@ -10,8 +10,8 @@ import contextlib
 import signal
 
 from jarvis.config import Settings
-from jarvis.hub import run_hub
-from jarvis.mqtt import MqttConfigError
+from jarvis.home.bridge import MqttConfigError
+from jarvis.home.hub import run_hub
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

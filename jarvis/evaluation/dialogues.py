@@ -1,5 +1,5 @@
 """Spoken-style multi-turn dialogues shared by the demo and the benchmarks, and the
-long household system prompt (``jarvis/data/home_system_prompt.txt``) they run under."""
+long household system prompt (``jarvis/evaluation/data/home_system_prompt.txt``) they run under."""
 
 from __future__ import annotations
 

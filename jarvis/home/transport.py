@@ -9,8 +9,8 @@ received are still handed out before the loss of the connection is reported.
 
 :class:`Outbox` holds outgoing messages until the broker has them, across reconnects.
 
-Foreign errors become :class:`~jarvis.mqtt_schema.MqttConnectionError` (or
-:class:`~jarvis.mqtt_schema.MqttAuthError` when the broker refuses the credentials).
+Foreign errors become :class:`~jarvis.home.schema.MqttConnectionError` (or
+:class:`~jarvis.home.schema.MqttAuthError` when the broker refuses the credentials).
 No message ever contains the password.
 """
 
@@ -31,7 +31,7 @@ from typing import Protocol
 import aiomqtt
 
 from jarvis.config import MqttSettings
-from jarvis.mqtt_schema import MqttAuthError, MqttConnectionError
+from jarvis.home.schema import MqttAuthError, MqttConnectionError
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class AiomqttTransport:
         self.will = will
         self.keepalive = keepalive
         self.timeout = timeout
-        self.paho_logger = logging.getLogger("jarvis.mqtt.paho")
+        self.paho_logger = logging.getLogger("jarvis.home.bridge.paho")
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings

@@ -302,6 +302,13 @@ VARIABLES: tuple[Variable, ...] = (
              "after a reply, seconds during which no wake phrase is needed"),
     Variable("JARVIS_HISTORY_TURNS", "pipeline", "history_turns", _int(0, 1000), "8",
              "conversation turns kept as context (older ones are dropped first)"),
+    Variable("JARVIS_CONVERSATION_IDLE_S", "pipeline", "conversation_idle_s",
+             _float(0.0, 86400.0), "300",
+             "a conversation silent this long starts afresh (as Home Assistant does); "
+             "0 = never; \"start over\" or \"new conversation\" starts afresh at once"),
+    Variable("JARVIS_REPETITION_GUARD", "pipeline", "repetition_guard", _bool, "true",
+             "a reply that opens like an earlier reply of the conversation is asked again "
+             "without the history, and a reply that loops on itself is cut and not kept"),
     # --- MQTT
     Variable("JARVIS_SITE", "mqtt", "site", _text, "default",
              "name of this assistant (room/satellite); used in topics and client id"),
@@ -433,6 +440,8 @@ class PipelineSettings:
     wake_word: str
     follow_up_s: float
     history_turns: int
+    conversation_idle_s: float = 300.0
+    repetition_guard: bool = True
 
 
 @dataclass(frozen=True)

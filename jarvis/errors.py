@@ -13,13 +13,18 @@
     │   └── AudioDeviceError       no sound device, unknown/ambiguous device, PortAudio missing
     ├── AsrError                   speech recognition failed (bad input array, engine error)
     ├── TtsError                   nothing to say (empty text) or synthesis failed
-    └── MqttError                  the MQTT bridge (tree in jarvis/mqtt.py)
+    └── MqttError                  the MQTT bridge (its tree is in jarvis/home/schema.py)
 
-The speech and MQTT errors live beside their code (jarvis/audio/errors.py, asr.py,
-tts.py, mqtt_schema.py); ``DeviceMapError`` is a ConfigError.
+The speech, audio and MQTT errors live beside their code (jarvis/audio/errors.py,
+jarvis/speech/asr.py, jarvis/speech/tts.py, jarvis/home/schema.py); ``DeviceMapError``
+(jarvis/devices/device_map.py) is a ConfigError.
 
-Foreign exceptions (llama.cpp, OS errors) are wrapped with ``raise ... from`` so the
-cause stays visible in debug logs while the user sees one clear line.
+Foreign exceptions (llama.cpp, onnxruntime, paho-mqtt, OS errors) are caught where they
+happen and raised again as one of these with ``raise ... from None``: the foreign
+message, shortened (and with any password masked), is part of the one line the user
+sees, and no chained traceback follows it. Where an OS error's cause helps in a debug
+log (an unreadable ``.env`` file, an unreadable model file) it is kept with
+``raise ... from exc``; the user still sees one line.
 """
 
 from __future__ import annotations

@@ -16,12 +16,17 @@ import pytest
 from jarvis.audio.files import read_audio
 from jarvis.audio.formats import ASR_RATE, to_float32
 from jarvis.audio.resample import resample
+from jarvis.devices.device_map import load_device_map
+from jarvis.devices.handler import DeviceAnswer, DeviceHandler
 from jarvis.speech.silero import Endpointer
 from jarvis.speech.tts import TtsChunk, TtsError
 from jarvis.voice.assembly import Assistant, build_assistant
-from jarvis.voice.events import EventType, PipelineEvent
-from jarvis.voice.pipeline import Intercepted, VoicePipeline, file_chunks
+from jarvis.voice.conversations import Conversations
+from jarvis.voice.events import EventType, Outcome, TurnEvent
+from jarvis.voice.pipeline import MICROPHONE_CONVERSATION, VoicePipeline, file_chunks
+from jarvis.voice.responder import Responder
 from jarvis.voice.sinks import WavReplySink
+from jarvis.voice.wake import WakePhrase
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow
@@ -46,8 +51,12 @@ def assistant(loop: asyncio.AbstractEventLoop, tmp_path_factory: pytest.TempPath
     loop.run_until_complete(a.close())
 
 
+EXAMPLE_DEVICES = Path(__file__).resolve().parent.parent / "config" / "devices.example.toml"
+
+
 def speech(assistant: Assistant, text: str) -> np.ndarray:
     """``text`` spoken by piper, at 16 kHz."""
+    assert assistant.tts is not None
     pcm = assistant.tts.synthesize(text)
     return resample(to_float32(pcm), assistant.tts.sample_rate, ASR_RATE)
 
@@ -56,19 +65,35 @@ def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * ASR_RATE), dtype=np.float32)
 
 
-def new_pipeline(assistant: Assistant, **pipeline: Any
-                 ) -> tuple[VoicePipeline, list[PipelineEvent]]:
-    settings = replace(assistant.pipeline.settings, **pipeline)
-    p = VoicePipeline(assistant.backend, assistant.asr, assistant.tts, settings,
-                      assistant.pipeline.conversation.system_prompt,
+def new_pipeline(assistant: Assistant, *, devices: DeviceHandler | None = None,
+                 **pipeline: Any) -> tuple[VoicePipeline, list[TurnEvent]]:
+    """A pipeline with its own responder (fresh conversations) over the shared engines."""
+    voice = assistant.voice()
+    settings = replace(voice.settings, **pipeline)
+    conversations = Conversations(assistant.responder.conversations.system_prompt,
+                                  history_turns=8, idle_s=300)
+    responder = Responder(assistant.backend, conversations, tts=assistant.tts, devices=devices)
+    assert assistant.asr is not None
+    p = VoicePipeline(responder, assistant.asr, settings,
                       endpointer=Endpointer(make_settings(Path("/tmp")).vad))
-    events: list[PipelineEvent] = []
+    events: list[TurnEvent] = []
     p.subscribe(events.append)
     return p, events
 
 
-def of(events: list[PipelineEvent], kind: EventType) -> list[PipelineEvent]:
+def of(events: list[TurnEvent], kind: EventType) -> list[TurnEvent]:
     return [e for e in events if e.type is kind]
+
+
+def ends(events: list[TurnEvent], outcome: Outcome | None = Outcome.ANSWERED
+         ) -> list[TurnEvent]:
+    """The TURN_END events (with ``outcome``, unless None)."""
+    return [e for e in of(events, EventType.TURN_END) if outcome is None or e.outcome is outcome]
+
+
+def history(pipeline: VoicePipeline) -> list[tuple[str, str]]:
+    return list(pipeline.responder.conversations.get(MICROPHONE_CONVERSATION)
+                .conversation.turns)
 
 
 def words(text: str) -> set[str]:
@@ -89,9 +114,16 @@ def test_two_spoken_requests_get_spoken_replies(
     assert len(transcripts) == 2, transcripts
     assert {"capital", "france"} <= words(transcripts[0])
     assert "dogs" in words(transcripts[1])
-    done = of(events, EventType.REPLY_DONE)
+    done = ends(events)
     assert len(done) == 2 and all(e.text for e in done)
+    assert len(of(events, EventType.TURN_END)) == 2  # one end per turn, nothing else
     assert not of(events, EventType.ERROR)
+    # Every event of a turn carries its id; the two turns have different ids.
+    turn_events = [e for e in events if e.type is not EventType.LISTENING
+                   and e.type is not EventType.SPEECH_STARTED
+                   and e.type is not EventType.SPEECH_ENDED]
+    assert {e.turn_id for e in turn_events} == {done[0].turn_id, done[1].turn_id}
+    assert done[0].turn_id != done[1].turn_id
     assert len(sink.written) == 2
     # What was played is what was said: whisper hears the replies back (the starter
     # model sometimes answers in half-French, so judge both replies together).
@@ -102,10 +134,10 @@ def test_two_spoken_requests_get_spoken_replies(
     said = words(done[0].text) | words(done[1].text)
     assert len(heard & said) >= 0.4 * len(said), (heard, said)
     # Both turns are in the history, in order; the stages were timed.
-    assert [u for u, _ in pipeline.conversation.turns] == transcripts
-    for event in of(events, EventType.REPLY_DONE):
-        for stage in ("asr_s", "llm_ttft_s", "tts_first_s", "voice_to_voice_s"):
-            assert event.data[stage] > 0
+    assert [u for u, _ in history(pipeline)] == transcripts
+    for event in done:
+        for stage in ("asr", "llm_ttft", "tts_first", "voice_to_voice"):
+            assert event.data["latency"][stage] > 0
     # The first turn started at the likely end (the second arrived while the first
     # was being answered, so it waited for its endpoint).
     assert done[0].data["speculative"] is True
@@ -142,8 +174,9 @@ def test_a_pause_inside_a_request_is_not_answered_early(
     assert len(transcripts) == 1 and "kitchen" in words(transcripts[0]), transcripts
     assert len(transcripts[0].split()) >= 7, transcripts
     assert len(of(events, EventType.THINKING)) == 1
-    assert len(of(events, EventType.REPLY_DONE)) == 1 and len(sink.written) == 1
-    assert [u for u, _ in pipeline.conversation.turns] == transcripts
+    assert len(of(events, EventType.TURN_END)) == 1 and len(ends(events)) == 1
+    assert len(sink.written) == 1
+    assert [u for u, _ in history(pipeline)] == transcripts
 
 
 async def _barge_in_source(pipeline: VoicePipeline, first: np.ndarray, second: np.ndarray
@@ -174,10 +207,10 @@ def test_barge_in_stops_playback_and_keeps_what_was_said(
     barge = of(events, EventType.BARGE_IN)
     assert len(barge) == 1
     assert barge[0].data["stop_s"] <= 0.1  # playback and generation stopped within 100 ms
-    done = of(events, EventType.REPLY_DONE)
-    assert done[0].data["interrupted"] is True
-    assert done[-1].data["interrupted"] is False
-    story_request, story_told = pipeline.conversation.turns[0]
+    done = ends(events, None)
+    assert done[0].outcome is Outcome.CANCELLED and done[0].data["interrupted"] is True
+    assert done[-1].outcome is Outcome.ANSWERED and done[-1].data["interrupted"] is False
+    story_request, story_told = history(pipeline)[0]
     assert "dragon" in story_request.lower()
     assert story_told == done[0].text  # the history holds what was actually heard
     assert len(of(events, EventType.TRANSCRIPT)) == 2
@@ -189,21 +222,31 @@ def test_a_device_command_acts_only_once_the_request_is_complete(
     # The matcher would act on the half-heard "Turn on the": a speculative turn may
     # ask it, but its action must wait for the endpoint and vanish when speech resumes.
     audio = _request_with_a_pause(assistant)
-    pipeline, events = new_pipeline(assistant)
-    asked: list[str] = []
-    acted: list[str] = []
-
-    async def intercept(request: str) -> Intercepted | None:
-        asked.append(request)
-        return Intercepted("Done.", lambda: acted.append(request))
-
-    pipeline.intercept = intercept
+    handler = _RecordingDevices(DeviceHandler(None, load_device_map(EXAMPLE_DEVICES)))
+    pipeline, events = new_pipeline(assistant, devices=handler)  # type: ignore[arg-type]
+    acted: list[tuple[str, ...]] = []
+    pipeline.responder.actuator = lambda commands: acted.append(
+        tuple(c.device.id for c in commands))
     loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=True),
                                          WavReplySink(tmp_path / "out")))
     assert pipeline.speculations["abandoned"] >= 1, pipeline.speculations
-    assert len(acted) == 1 and "kitchen" in acted[0].lower(), (asked, acted)
-    assert [u for u, _ in pipeline.conversation.turns] == acted
-    assert [e.text for e in of(events, EventType.REPLY_DONE)] == ["Done."]
+    assert acted == [("kitchen_light",)], (handler.asked, acted)
+    assert len(handler.asked) >= 2  # the half-heard request was asked too
+    assert len(history(pipeline)) == 1 and "kitchen" in history(pipeline)[0][0].lower()
+    done = ends(events)
+    assert len(done) == 1 and done[0].data["actions"][0]["device"] == "kitchen_light"
+
+
+class _RecordingDevices:
+    """The real device handler, noting what it was asked."""
+
+    def __init__(self, real: DeviceHandler) -> None:
+        self.real = real
+        self.asked: list[str] = []
+
+    async def handle(self, text: str) -> DeviceAnswer | None:
+        self.asked.append(text)
+        return await self.real.handle(text)
 
 
 def test_wake_phrase_and_follow_up(
@@ -217,10 +260,10 @@ def test_wake_phrase_and_follow_up(
     pipeline, events = new_pipeline(assistant, wake_word="hey jarvis", follow_up_s=30.0)
     loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=False),
                                          WavReplySink(tmp_path / "out")))
-    assert len(of(events, EventType.IGNORED)) == 1  # no wake phrase: not for us
+    assert len(ends(events, Outcome.IGNORED)) == 1  # no wake phrase: not for us
     wake = of(events, EventType.WAKE)
     assert len(wake) == 1 and "spain" in wake[0].text.lower()  # same breath: kept
-    requests = [u for u, _ in pipeline.conversation.turns]
+    requests = [u for u, _ in history(pipeline)]
     assert len(requests) == 2
     assert requests[0].lower().startswith("what is the capital of spain")
     assert "italy" in requests[1].lower()  # follow-up window: no wake phrase needed
@@ -250,11 +293,14 @@ def test_a_failing_stage_is_reported_and_the_loop_keeps_listening(
                             speech(assistant, "Now please say goodbye to everyone."),
                             silence(0.5)])
     pipeline, events = new_pipeline(assistant)
-    pipeline.tts = _FailingOnceTts(assistant.tts)  # type: ignore[assignment]
+    pipeline.responder.tts = _FailingOnceTts(assistant.tts)  # type: ignore[assignment]
     sink = WavReplySink(tmp_path / "out")
     loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=False), sink))
     errors = of(events, EventType.ERROR)
     assert len(errors) == 1 and errors[0].stage == "tts" and "injected" in errors[0].text
+    failed = ends(events, Outcome.FAILED)
+    assert len(failed) == 1 and failed[0].stage == "tts" and failed[0].turn_id == errors[0].turn_id
+    assert len(ends(events)) == 1  # the next turn was answered
     assert len(of(events, EventType.TRANSCRIPT)) == 2
     assert len(sink.written) == 1, [(e.type.value, e.text, e.stage) for e in events]
 
@@ -267,9 +313,9 @@ def test_shutdown_mid_reply_leaves_no_threads_or_partial_files(tmp_path: Path) -
         audio = np.concatenate([silence(0.3), speech(a, "Tell me a long story about ships."),
                                 silence(10.0)])
         sink = WavReplySink(tmp_path / "out", realtime=True)
-        task = asyncio.create_task(a.pipeline.run(file_chunks(audio, realtime=True), sink))
+        task = asyncio.create_task(a.voice().run(file_chunks(audio, realtime=True), sink))
         started = asyncio.Event()
-        a.pipeline.subscribe(lambda e: e.type is EventType.FIRST_AUDIO and started.set())
+        a.voice().subscribe(lambda e: e.type is EventType.FIRST_AUDIO and started.set())
         await asyncio.wait_for(started.wait(), 60)
         await asyncio.sleep(0.5)
         task.cancel()  # what SIGINT/SIGTERM do in `jarvis run`
@@ -288,13 +334,15 @@ def test_shutdown_mid_reply_leaves_no_threads_or_partial_files(tmp_path: Path) -
 
 
 def test_wake_phrase_matching_forgives_one_letter() -> None:
-    from jarvis.config import PipelineSettings
-
-    settings = PipelineSettings(barge_in=False, wake_word="hey jarvis", follow_up_s=8.0,
-                                history_turns=8)
-    p = VoicePipeline(None, None, None, settings, "system")  # type: ignore[arg-type]
-    assert p._for_us("Hey Jervis, what time is it?") == "what time is it?"
-    assert p._for_us("Okay, hey Jarvis. Lights off.") == "Lights off."
-    assert p._for_us("Hey Jarvis.") == ""
-    assert p._for_us("What time is it?") is None
-    assert p._for_us("Hey service, what time is it?") is None
+    now = [0.0]
+    wake = WakePhrase("hey jarvis", follow_up_s=8.0, clock=lambda: now[0])
+    assert wake.request("Hey Jervis, what time is it?") == ("what time is it?", True)
+    assert wake.request("Okay, hey Jarvis. Lights off.") == ("Lights off.", True)
+    assert wake.request("Hey Jarvis.") == ("", True)
+    assert wake.request("What time is it?") == (None, False)
+    assert wake.request("Hey service, what time is it?") == (None, False)
+    wake.replied()  # the follow-up window: no wake phrase needed, until it closes
+    now[0] = 7.0
+    assert wake.request("What time is it?") == ("What time is it?", False)
+    now[0] = 8.5
+    assert wake.request("What time is it?") == (None, False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
@@ -55,7 +56,9 @@ class Microphone:
         self.device: DeviceInfo | None = None
         self.device_rate = 0
         self.dropped_chunks = 0
-        self.status_flags: list[str] = []
+        self.status_flags: Counter[str] = Counter()
+        """How often PortAudio reported each status flag (``"input overflow"``, ...):
+        one counter per kind, so a microphone open for months stays the same size."""
         self._queue: asyncio.Queue[FloatArray | None] | None = None
         self._stream: Any = None
         self._resampler: Resampler | None = None
@@ -87,7 +90,7 @@ class Microphone:
 
         def callback(indata: npt.NDArray[np.int16], frames: int, time: Any, status: Any) -> None:
             if status:
-                self.status_flags.append(str(status))
+                self.note_status(status)
             chunk = to_float32(indata[:, 0].copy())
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(put, chunk)
@@ -107,6 +110,11 @@ class Microphone:
             ) from None
         log.debug("microphone %s open at %d Hz", self.device.label(), self.device_rate)
 
+    def note_status(self, status: object) -> None:
+        """Count the flags of one PortAudio callback status (a ``sounddevice.CallbackFlags``,
+        whose text is the set flags joined by ``", "``)."""
+        self.status_flags.update(kind for kind in str(status).split(", ") if kind)
+
     async def close(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
@@ -115,6 +123,9 @@ class Microphone:
             self._queue.put_nowait(None)
         if self.dropped_chunks:
             log.warning("microphone: %d chunks dropped (consumer too slow)", self.dropped_chunks)
+        if self.status_flags:
+            log.warning("microphone: PortAudio reported %s", ", ".join(
+                f"{kind} x{count}" for kind, count in sorted(self.status_flags.items())))
 
     def __aiter__(self) -> Microphone:
         return self

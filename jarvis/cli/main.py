@@ -13,12 +13,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jarvis import __version__
 from jarvis.config import Settings, load_settings
 from jarvis.errors import JarvisError
-from jarvis.llm.base import ChatMessage, GenerationStats
+
+if TYPE_CHECKING:
+    from jarvis.voice.turn import TurnResult
 
 log = logging.getLogger("jarvis")
 _QUIET_COMMANDS = {"ask", "config", "cache"}
@@ -118,23 +120,39 @@ def _setup_logging(level: str, verbose: bool) -> None:
 
 
 def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
-    if args.speak or args.output:
-        return asyncio.run(_ask_spoken(args.text, settings, args.output, as_json=args.json))
-    return asyncio.run(_ask(args.text, settings, as_json=args.json))
+    return asyncio.run(_ask(args.text, settings, args.output, speak=bool(args.speak or args.output),
+                            as_json=args.json))
 
 
-async def _ask_spoken(text: str, settings: Settings, output: Path | None, *,
-                      as_json: bool) -> int:
+async def _ask(text: str, settings: Settings, output: Path | None, *, speak: bool,
+               as_json: bool) -> int:
+    """One text turn through the responder (device map, then the model), printed as it
+    arrives, and spoken when asked."""
     from jarvis.voice.assembly import build_assistant
+    from jarvis.voice.events import Source
+    from jarvis.voice.turn import Turn, validate_request
 
-    if not text.strip():
-        raise JarvisError("nothing to ask: the request text is empty")
-    assistant = await build_assistant(settings, listen=False)
+    validate_request(text)  # the same message as every entry point, before loading
+    # One-shot: the system prompt is evaluated with the request (or restored from disk),
+    # not prefilled first.
+    assistant = await build_assistant(settings, listen=False, speak=speak,
+                                      prefill_system=False)
+    streamed = not as_json and not speak
+
+    def show(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    turn = Turn(Source.CLI, None, request=text, on_text=show if streamed else None)
     try:
-        result = await assistant.pipeline.text_turn(text, _sink(settings, output))
+        result = await assistant.responder.respond(turn, _sink(settings, output)
+                                                   if speak else None)
     finally:
         await assistant.close()
-    _print_turn(result, as_json)
+    if streamed:
+        print()
+    _print_turn(result, as_json, printed=streamed)
+    if result.outcome.value == "failed":
+        raise JarvisError(result.error)
     return 0
 
 
@@ -146,68 +164,45 @@ def _sink(settings: Settings, output: Path | None, *, directory: bool = False) -
     return WavReplySink(output, realtime=directory, single_file=not directory)
 
 
-def _print_turn(result: Any, as_json: bool) -> None:
+def _print_turn(result: TurnResult, as_json: bool, *, printed: bool = False) -> None:
     if as_json:
-        print(json.dumps({"transcript": result.transcript, "reply": result.reply,
-                          "interrupted": result.interrupted, "ignored": result.ignored,
-                          "latency_s": {k: round(v, 4) for k, v in result.latency.items()}},
-                         indent=2))
+        print(json.dumps(_turn_json(result), indent=2))
         return
     if result.transcript:
         print(f"you>    {result.transcript}")
-    print(f"jarvis> {result.reply}")
-    print("        [" + " · ".join(f"{k} {v:.3f} s" for k, v in result.latency.items()) + "]",
-          file=sys.stderr)
+    if not printed and result.outcome.value != "failed":
+        print(f"jarvis> {result.reply}" if result.transcript else result.reply)
+    parts = [f"{k} {v:.3f} s" for k, v in result.latency.items()]
+    stats = result.stats
+    if "prompt_tokens" in stats:
+        parts.append(f"prompt {stats['prompt_tokens']} tokens ({stats['cached_tokens']} from "
+                     f"cache) · {stats['completion_tokens']} tokens · {stats['finish_reason']}")
+    if result.actions:
+        parts.append("actions " + ", ".join(f"{a['device']}.{a['action']}"
+                                            for a in result.actions))
+    print("        [" + " · ".join(parts) + "]", file=sys.stderr)
 
 
-async def _ask(text: str, settings: Settings, *, as_json: bool) -> int:
-    from jarvis.llm.llama_cpp import LlamaCppBackend
-
-    if not text.strip():
-        raise JarvisError("nothing to ask: the request text is empty")
-    backend = LlamaCppBackend(settings.llm, settings.cache, prefill_system=False)
-    await backend.start()
-    try:
-        messages = [ChatMessage("system", settings.llm.system_prompt), ChatMessage("user", text)]
-        stream = backend.stream_chat(messages)
-        pieces: list[str] = []
-        async for piece in stream:
-            pieces.append(piece)
-            if not as_json:
-                print(piece, end="", flush=True)
-        stats = stream.stats
-        assert stats is not None
-    finally:
-        await backend.close()
-    reply = "".join(pieces).strip()
-    if as_json:
-        print(json.dumps({"reply": reply, **_stats_json(stats)}, indent=2))
-    else:
-        print()
-        print(_stats_line(stats), file=sys.stderr)
-    return 0
-
-
-def _stats_json(stats: GenerationStats) -> dict[str, Any]:
+def _turn_json(result: TurnResult) -> dict[str, Any]:
+    stats = result.stats
     return {
-        "ttft_s": _round(stats.ttft_s),
-        "total_s": _round(stats.total_s),
-        "prompt_tokens": stats.prompt_tokens,
-        "cached_tokens": stats.cached_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "finish_reason": stats.finish_reason,
-        "cache_hit": stats.cache_hit,
-        "stages_s": {k: _round(v) for k, v in stats.stages.items()},
+        "transcript": result.transcript, "request": result.request, "reply": result.reply,
+        "outcome": result.outcome.value, "intent": result.intent,
+        "failed_stage": result.failed_stage.value if result.failed_stage else None,
+        "error": result.error or None, "interrupted": result.interrupted,
+        "ignored": result.ignored, "regenerated": result.regenerated,
+        "actions": result.actions,
+        "latency_s": {k: round(v, 4) for k, v in result.latency.items()},
+        "ttft_s": _round(_float(stats.get("ttft_s"))),
+        "total_s": _round(_float(stats.get("total_s", result.latency.get("total")))),
+        "prompt_tokens": stats.get("prompt_tokens"), "cached_tokens": stats.get("cached_tokens"),
+        "completion_tokens": stats.get("completion_tokens"),
+        "finish_reason": stats.get("finish_reason"), "cache_hit": stats.get("cache_hit"),
     }
 
 
-def _stats_line(stats: GenerationStats) -> str:
-    ttft = f"{stats.ttft_s:.3f} s" if stats.ttft_s is not None else "n/a"
-    return (
-        f"[first token {ttft} · total {stats.total_s:.3f} s · prompt {stats.prompt_tokens} "
-        f"tokens ({stats.cached_tokens} from cache) · {stats.completion_tokens} tokens "
-        f"· {stats.finish_reason}]"
-    )
+def _float(x: object) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def _round(x: float | None) -> float | None:
@@ -229,7 +224,7 @@ async def _demo(settings: Settings, *, as_json: bool) -> int:
     from jarvis.audio.formats import ASR_RATE, to_float32
     from jarvis.audio.resample import resample
     from jarvis.voice.assembly import build_assistant
-    from jarvis.voice.events import EventType, PipelineEvent
+    from jarvis.voice.events import EventType, TurnEvent
     from jarvis.voice.pipeline import spoken_turns
     from jarvis.voice.sinks import WavReplySink
 
@@ -242,23 +237,26 @@ async def _demo(settings: Settings, *, as_json: bool) -> int:
                   "Each request is spoken by the bundled voice and fed to the pipeline as a "
                   "microphone would deliver it.\n", flush=True)
 
-        def show(event: PipelineEvent) -> None:
+        def show(event: TurnEvent) -> None:
             if as_json:
                 return
             if event.type is EventType.TRANSCRIPT:
                 print(f"heard>  {event.text}", flush=True)
-            elif event.type is EventType.REPLY_DONE:
-                v2v = event.data.get("voice_to_voice_s")
-                print(f"jarvis> {event.text}\n        [voice to voice "
+            elif event.type is EventType.TURN_END:
+                v2v = event.data.get("latency", {}).get("voice_to_voice")
+                outcome = event.outcome.value if event.outcome else "?"
+                print(f"jarvis> {event.text}\n        [{outcome} · voice to voice "
                       f"{v2v if v2v is None else round(v2v, 3)} s]\n", flush=True)
             elif event.type is EventType.ERROR:
                 print(f"error>  {event.stage}: {event.text}", flush=True)
 
-        assistant.pipeline.subscribe(show)
-        requests = [resample(to_float32(assistant.tts.synthesize(text)),
-                             assistant.tts.sample_rate, ASR_RATE) for text in DEMO_REQUESTS]
+        pipeline, tts = assistant.voice(), assistant.tts
+        assert tts is not None
+        pipeline.subscribe(show)
+        requests = [resample(to_float32(tts.synthesize(text)), tts.sample_rate, ASR_RATE)
+                    for text in DEMO_REQUESTS]
         sink = WavReplySink(out)
-        await assistant.pipeline.run(spoken_turns(assistant.pipeline, requests), sink)
+        await pipeline.run(spoken_turns(pipeline, requests), sink)
         cache_stats = assistant.backend.cache.stats()
     finally:
         await assistant.close()
@@ -291,7 +289,7 @@ async def _converse(file: Path, output: Path | None, settings: Settings, *,
     audio = read_audio(file)
     assistant = await build_assistant(settings, listen=False)
     try:
-        result = await assistant.pipeline.voice_turn(
+        result = await assistant.voice().voice_turn(
             Utterance(audio.samples, time.monotonic()), _sink(settings, output))
     finally:
         await assistant.close()
@@ -329,24 +327,25 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
     from jarvis.voice.assembly import build_assistant
 
     assistant = await build_assistant(settings)
+    pipeline = assistant.voice()
     sink = _sink(settings, args.output, directory=True)
-    assistant.pipeline.subscribe(_log_event)
+    pipeline.subscribe(_log_event)
     bridge_task: asyncio.Task[None] | None = None
     stop_bridge = asyncio.Event()
     try:
         if settings.mqtt.enabled:
-            from jarvis.home.voice import attach_mqtt
+            from jarvis.home.hub import attach_mqtt
 
-            bridge, _ = await attach_mqtt(settings, assistant.backend, assistant.pipeline, sink)
+            bridge, _ = await attach_mqtt(settings, assistant, sink)
             bridge_task = asyncio.create_task(bridge.run(stop_bridge))
         if args.input is not None:
             # Streamed from disk at the pace of the audio (bounded memory for long files);
             # the endpointer closes the last utterance when the file ends.
-            await assistant.pipeline.run(file_source(args.input, realtime=True), sink)
+            await pipeline.run(file_source(args.input, realtime=True), sink)
         else:
             async with Microphone(settings.audio.input_device) as mic:
                 log.info("listening (Ctrl-C to stop)")
-                await assistant.pipeline.run(mic, sink)
+                await pipeline.run(mic, sink)
     finally:
         if bridge_task is not None:
             stop_bridge.set()  # publishes "offline" and flushes before returning
@@ -359,10 +358,12 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
 def _log_event(event: Any) -> None:
     from jarvis.voice.events import EventType
 
-    if event.type in (EventType.TRANSCRIPT, EventType.REPLY_DONE):
-        log.info("%s: %s", event.type.value, event.text)
+    if event.type is EventType.TRANSCRIPT:
+        log.info("turn %s heard: %s", event.turn_id, event.text)
+    elif event.type is EventType.TURN_END:
+        log.info("turn %s %s: %s", event.turn_id, event.outcome.value, event.text)
     elif event.type is EventType.ERROR:
-        log.error("%s failed: %s", event.stage, event.text)
+        log.error("turn %s: %s failed: %s", event.turn_id, event.stage.value, event.text)
 
 
 # --------------------------------------------------------------------------- config, cache

@@ -3,10 +3,11 @@
 
 :class:`MqttBridge` connects to the broker (``JARVIS_MQTT_*``), serves the commands of
 ``<base>/cmd/+`` and Hermes ``hermes/tts/say`` by calling an :class:`MqttAssistant`, and
-publishes replies, state, transcripts, errors, metrics and availability. The voice
-pipeline and the headless hub (:mod:`jarvis.home.hub`) both plug in as MqttAssistants; the
-pipeline's events reach MQTT through :meth:`MqttBridge.on_pipeline_event` (or direct calls
-of :meth:`MqttBridge.publish_state` and :meth:`MqttBridge.publish_transcript`).
+publishes replies, state, transcripts, errors, metrics and availability. Jarvis plugs in
+as :class:`~jarvis.home.hub.MqttFrontend` (the one responder, with or without a voice),
+which turns the responder's events into :meth:`MqttBridge.publish_state`,
+:meth:`MqttBridge.publish_transcript` and :meth:`MqttBridge.publish_spoken_reply` calls
+and sends device commands through :meth:`MqttBridge.publish_commands`.
 
 Reliability: one connection at a time, reopened with exponential backoff and jitter;
 a persistent session (fixed client id, ``clean_session=False``, QoS 1 subscriptions),
@@ -36,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,8 +103,8 @@ class Answer:
     text: str
     latency: Mapping[str, Any] = field(default_factory=dict)
     """JSON-ready timings for the reply payload (total_s, ttft_s, ..., intent)."""
-    commands: tuple[DeviceCommand, ...] = ()
-    """Device commands to publish (only ever built from the device map)."""
+    actions: tuple[Mapping[str, Any], ...] = ()
+    """Device commands already sent for this ask (``DeviceCommand.describe()``)."""
     cancelled: bool = False
     spoken: bool = False
     backend_s: float = 0.0
@@ -111,12 +112,13 @@ class Answer:
 
 
 class MqttAssistant(Protocol):
-    """What the bridge drives: the voice pipeline, or the text-only hub."""
+    """What the bridge drives (:class:`~jarvis.home.hub.MqttFrontend`; tests drive
+    others)."""
 
     @property
     def reports_state(self) -> bool:
-        """True when the assistant publishes its own states (the voice pipeline); False
-        lets the bridge publish ``thinking``/``idle`` around asks."""
+        """True when the assistant publishes its own states (from its turns' events);
+        False lets the bridge publish ``thinking``/``idle`` around asks."""
 
     @property
     def muted(self) -> bool: ...
@@ -252,30 +254,21 @@ class MqttBridge:
             "text": text, "likelihood": likelihood, "seconds": round(seconds, 3),
             "siteId": self.settings.site, "sessionId": None, "wakewordId": None})
 
-    def on_pipeline_event(self, event: Any) -> None:
-        """Listener for the voice pipeline: ``pipeline.subscribe(bridge.on_pipeline_event)``.
-        States (listening, thinking, speaking from the first audio, idle after the reply),
-        transcripts, spoken replies (on ``<base>/reply`` with ``"id": null``) and stage
-        errors. Events are told apart by ``event.type.value``, so the bridge does not
-        import the pipeline."""
-        kind = getattr(getattr(event, "type", None), "value", None)
-        text = str(getattr(event, "text", ""))
-        data = getattr(event, "data", None) or {}
-        if kind in ("listening", "thinking"):
-            self.publish_state(kind)
-        elif kind == "first_audio":
-            self.publish_state("speaking")
-        elif kind == "transcript":
-            self.publish_transcript(text, seconds=float(data.get("duration_s", 0.0) or 0.0))
-        elif kind == "reply_done":
-            self._send(self.topics.reply, {
-                "id": None, "text": text, "conversation_id": None, "cancelled": False,
-                "spoken": True, "actions": [],
-                "latency": {k: v for k, v in data.items() if isinstance(v, int | float)}})
-            self.publish_state("idle")
-        elif kind == "error":
-            stage = str(getattr(event, "stage", "") or "pipeline")
-            self.publish_error(f"{stage}_failed", text)
+    def publish_spoken_reply(self, text: str, *, conversation_id: str | None,
+                             cancelled: bool, actions: list[Any],
+                             latency: Mapping[str, float]) -> None:
+        """A reply to a request that did not come over MQTT (spoken to the microphone),
+        on ``<base>/reply`` with ``"id": null``."""
+        self._send(self.topics.reply, {
+            "id": None, "text": text, "conversation_id": conversation_id,
+            "cancelled": cancelled, "spoken": True, "actions": actions,
+            "latency": dict(latency)})
+
+    def publish_commands(self, commands: Sequence[DeviceCommand]) -> None:
+        """Send device commands (ahead of anything else queued)."""
+        for command in commands:
+            action = command.action
+            self.publish(action.topic, action.payload, retain=action.retain, urgent=True)
 
     def publish_metrics(self) -> None:
         try:
@@ -455,16 +448,14 @@ class MqttBridge:
                 _uncancel()
                 answer = Answer("", {"finish_reason": "cancelled"}, cancelled=True)
             except JarvisError as exc:
-                self.publish_error("ask_failed", str(exc), correlation_id=command.id, topic=topic)
+                self.publish_error(getattr(exc, "code", "ask_failed"), str(exc),
+                                   correlation_id=command.id, topic=topic)
                 return
             except Exception as exc:
                 log.exception("MQTT: ask %r failed", command.id)
                 self.publish_error("internal_error", f"{type(exc).__name__}: {exc}"[:300],
                                    correlation_id=command.id, topic=topic)
                 return
-            for device_command in answer.commands:
-                action = device_command.action
-                self.publish(action.topic, action.payload, retain=action.retain, urgent=True)
             overhead = time.perf_counter() - received_at - answer.backend_s
             self._send(self.topics.reply, {
                 "id": command.id,
@@ -472,7 +463,7 @@ class MqttBridge:
                 "conversation_id": command.conversation_id,
                 "cancelled": answer.cancelled,
                 "spoken": answer.spoken,
-                "actions": [c.describe() for c in answer.commands],
+                "actions": list(answer.actions),
                 "latency": {**answer.latency, "overhead_s": round(max(overhead, 0.0), 6)},
             })
             self.stats.replies += 1

@@ -1,208 +1,222 @@
-"""Headless hub mode: Jarvis with no audio device, text in and out over MQTT only
-(``jarvis hub``, the future ``jarvis run --no-audio``), for servers.
+"""Jarvis on MQTT: :class:`MqttFrontend` is what the bridge drives, in ``jarvis hub``
+(text in and out, no audio) and inside ``jarvis run`` (with a voice). Either way every
+ask is a :class:`~jarvis.voice.turn.Turn` for the one responder, so asks get the device
+map, the grammar-constrained fallback, conversations and the repetition guard exactly
+as spoken requests do, and show ``thinking`` like them.
 
-:class:`HubAssistant` is the :class:`~jarvis.home.bridge.MqttAssistant` of the hub: device
-requests go to the local intent matcher first (answered in well under a millisecond, the
-device command published by the bridge), then, when the words look like a command the
-matcher could not settle, to the grammar-constrained LLM fallback; everything else is a
-chat turn with the LLM, with a history per ``conversation_id`` (the 64 most recent
-conversations are kept; an ask without one has no history). ``say`` has no audio here:
-the bridge publishes the result only. ``reload`` re-reads the device map (the one thing
-that can change safely while serving); a broken file keeps the old map.
+* ``cmd/ask`` → a turn (spoken through the speaker when the payload asks for it and
+  there is one); each ``conversation_id`` is a conversation, an ask without one has no
+  history;
+* ``cmd/say`` and ``hermes/tts/say`` speak (nothing to do in the hub);
+  ``cmd/mute`` mutes the microphone; ``cmd/cancel`` stops the turn being answered;
+  ``cmd/reload`` re-reads the device map (a broken file keeps the old map);
+* the responder's events become ``state``, ``transcript``, ``reply`` (for turns that
+  did not come over MQTT) and ``error``; device commands go out through the bridge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
-from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from jarvis.config import LatencySettings, LlmSettings, Settings
-from jarvis.devices.chooser import ActionChooser
+from jarvis.config import Settings
 from jarvis.devices.device_map import DeviceCommand, DeviceMap, load_device_map
-from jarvis.devices.intents import Ambiguous, IntentMatcher, Matched
 from jarvis.errors import JarvisError
 from jarvis.home.bridge import Answer, BridgeOptions, MqttBridge, MqttConfigError
-from jarvis.latency import LatencyTracker, RequestRecord
-from jarvis.llm.base import GenerationOptions, GenerationStats, LLMBackend
-from jarvis.llm.dialogue import Conversation
+from jarvis.latency import LatencyTracker
+from jarvis.voice.assembly import Assistant, build_assistant
+from jarvis.voice.events import EventType, Outcome, Source, TurnEvent
+from jarvis.voice.pipeline import VoicePipeline
+from jarvis.voice.responder import AudioSink, Responder
+from jarvis.voice.turn import Turn, TurnResult
 
 log = logging.getLogger(__name__)
 
 
-class _Cancellable(Protocol):
-    def cancel(self) -> None: ...
+class AskFailed(JarvisError):
+    """A turn that failed, as the bridge reports it (``code`` goes on ``<base>/error``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-class _EventCancel:
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+class MqttFrontend:
+    """The bridge's :class:`~jarvis.home.bridge.MqttAssistant` over the responder."""
 
-    def cancel(self) -> None:
-        self.event.set()
+    reports_state = True  # the responder's events publish thinking/speaking/idle
 
-
-class HubAssistant:
-    """LLM + device map, no audio. One instance serves every MQTT client."""
-
-    reports_state = False
-
-    def __init__(self, backend: LLMBackend, llm: LlmSettings, latency: LatencySettings, *,
-                 devices: DeviceMap | None = None, devices_file: Path | None = None,
-                 room: str = "", max_conversations: int = 64) -> None:
-        self.backend = backend
-        self.system_prompt = llm.system_prompt
-        self.tracker = LatencyTracker(spike_threshold_s=latency.spike_threshold_s)
+    def __init__(self, responder: Responder, tracker: LatencyTracker, *,
+                 sink: AudioSink | None = None, pipeline: VoicePipeline | None = None) -> None:
+        self.responder = responder
+        self.tracker = tracker
+        self.sink = sink
+        self.pipeline = pipeline
         self.muted = False
-        self.devices_file = devices_file
-        self.room = room
-        self.max_conversations = max_conversations
-        self._conversations: OrderedDict[str, tuple[Conversation, asyncio.Lock]] = OrderedDict()
-        self._active: list[_Cancellable] = []
-        """Model work in submission order; the backend serves it FIFO, so the first one
-        is the reply being generated now."""
-        self.set_devices(devices or DeviceMap())
+        self.bridge: MqttBridge | None = None
+        self._open_turns: set[str] = set()
 
-    def set_devices(self, devices: DeviceMap) -> None:
-        self.devices = devices
-        self.matcher = IntentMatcher(devices, self.room)
-        self.chooser = ActionChooser(self.backend, devices)
+    def attach(self, bridge: MqttBridge) -> None:
+        """Send device commands through ``bridge`` and publish the turns' events on it."""
+        self.bridge = bridge
+        self.responder.actuator = self._publish_commands
+        self.responder.bus.subscribe(self.on_event)
+
+    @property
+    def devices(self) -> DeviceMap:
+        handler = self.responder.devices
+        return handler.devices if handler is not None else DeviceMap()
 
     # ------------------------------------------------------------------ MqttAssistant
 
     async def ask(self, text: str, *, conversation_id: str | None = None,
                   speak: bool | None = None, max_tokens: int | None = None) -> Answer:
-        t0 = time.perf_counter()
-        result = self.matcher.match(text)
-        if isinstance(result, Matched):
-            return self._local(result.commands, result.reply, t0, "local")
-        if isinstance(result, Ambiguous):
-            return self._local((), result.question, t0, "ambiguous")
-        if result.looks_like_command and self.chooser.available:
-            candidates = self.matcher.candidates(text)
-            if candidates:
-                command, model_s = await self._choose(text, candidates)
-                if command is not None:
-                    answer = self._local((command,), command.reply, t0, "llm")
-                    return Answer(answer.text, answer.latency, answer.commands,
-                                  backend_s=model_s)
-        return await self._chat(text, conversation_id, max_tokens)
+        sink = self.sink if speak else None
+        turn = Turn(Source.MQTT, conversation_id, request=text, speak=sink is not None,
+                    max_tokens=max_tokens)
+        result = await self.responder.respond(turn, sink)
+        if result.outcome is Outcome.FAILED:
+            code = result.error_code
+            raise AskFailed(code if code in ("invalid_request", "internal_error")
+                            else "ask_failed", result.error)
+        return Answer(result.reply, latency_json(result), tuple(result.actions),
+                      cancelled=result.cancelled,
+                      spoken=sink is not None and bool(result.reply),
+                      backend_s=_model_seconds(result))
 
     async def say(self, text: str) -> bool:
-        return False  # no audio in hub mode: the bridge publishes the text only
+        if self.sink is None:
+            return False  # no audio in hub mode: the bridge publishes the text only
+        return await self.responder.say(text, self.sink)
 
     async def mute(self, muted: bool) -> None:
         self.muted = muted
+        if self.pipeline is not None:
+            self.pipeline.muted = muted
 
     def cancel(self) -> bool:
-        if not self._active:
-            return False
-        self._active[0].cancel()
-        return True
+        return self.responder.interrupt()
 
     async def reload(self) -> list[str]:
-        if self.devices_file is None:
+        handler = self.responder.devices
+        if handler is None or not await handler.reload():
             return []
-        self.set_devices(await asyncio.to_thread(load_device_map, self.devices_file))
-        log.info("device map reloaded: %d devices", len(self.devices))
         return ["devices"]
 
     def metrics(self) -> dict[str, Any]:
         return self.tracker.summary().to_dict()
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ events → MQTT
 
-    def _local(self, commands: tuple[DeviceCommand, ...], reply: str, t0: float,
-               intent: str) -> Answer:
-        return Answer(reply, {"total_s": round(time.perf_counter() - t0, 6), "intent": intent},
-                      commands)
+    def on_event(self, event: TurnEvent) -> None:
+        """Publish what a turn did: states, transcripts, spoken replies, stage errors."""
+        bridge = self.bridge
+        if bridge is None:
+            return
+        kind = event.type
+        if event.turn_id and kind is not EventType.TURN_END:
+            self._open_turns.add(event.turn_id)
+        if kind is EventType.LISTENING:
+            bridge.publish_state("listening")
+        elif kind is EventType.THINKING:
+            bridge.publish_state("thinking")
+        elif kind is EventType.FIRST_AUDIO:
+            bridge.publish_state("speaking")
+        elif kind is EventType.TRANSCRIPT:
+            bridge.publish_transcript(event.text,
+                                      seconds=float(event.data.get("duration_s", 0.0) or 0.0))
+        elif kind is EventType.ERROR and event.source is not Source.MQTT:
+            stage = event.stage.value if event.stage is not None else "pipeline"
+            bridge.publish_error(f"{stage}_failed", event.text)
+        elif kind is EventType.TURN_END:
+            self._open_turns.discard(event.turn_id)
+            if event.source is not Source.MQTT and event.outcome in (Outcome.ANSWERED,
+                                                                     Outcome.CANCELLED):
+                bridge.publish_spoken_reply(
+                    event.text, conversation_id=event.conversation_id or None,
+                    cancelled=event.outcome is Outcome.CANCELLED,
+                    actions=list(event.data.get("actions", [])),
+                    latency=_numbers(event.data.get("latency", {})))
+            if not self._open_turns:
+                bridge.publish_state("listening" if self.pipeline is not None else "idle")
 
-    async def _choose(self, text: str,
-                      candidates: tuple[Any, ...]) -> tuple[DeviceCommand | None, float]:
-        cancel = _EventCancel(threading.Event())
-        self._active.append(cancel)
-        t = time.perf_counter()
-        try:
-            command = await self.chooser.choose(text, candidates, cancel=cancel.event)
-        except JarvisError as exc:
-            log.warning("action fallback failed (%s); answering as conversation", exc)
-            command = None
-        finally:
-            self._active.remove(cancel)
-        return command, time.perf_counter() - t
-
-    def _conversation(self, conversation_id: str | None) -> tuple[Conversation, asyncio.Lock]:
-        if conversation_id is None:
-            return Conversation(self.system_prompt), asyncio.Lock()
-        entry = self._conversations.get(conversation_id)
-        if entry is None:
-            entry = (Conversation(self.system_prompt), asyncio.Lock())
-            self._conversations[conversation_id] = entry
-            while len(self._conversations) > self.max_conversations:
-                self._conversations.popitem(last=False)
-        self._conversations.move_to_end(conversation_id)
-        return entry
-
-    async def _chat(self, text: str, conversation_id: str | None,
-                    max_tokens: int | None) -> Answer:
-        conversation, lock = self._conversation(conversation_id)
-        async with lock:
-            options = GenerationOptions(max_tokens=max_tokens) if max_tokens else None
-            t = time.perf_counter()
-            stream = self.backend.stream_chat(conversation.messages(text), options)
-            self._active.append(stream)
-            try:
-                reply = "".join([piece async for piece in stream]).strip()
-            except JarvisError as exc:
-                self.tracker.record(RequestRecord(total_s=time.perf_counter() - t,
-                                                  error=str(exc)[:200], label="ask"))
-                raise
-            finally:
-                self._active.remove(stream)
-            stats = stream.stats
-            assert stats is not None
-            if conversation_id is not None and stats.finish_reason != "cancelled":
-                conversation.add_turn(text, reply)
-        self.tracker.record(stats.to_record(label="ask"))
-        return Answer(reply, latency_json(stats), cancelled=stats.finish_reason == "cancelled",
-                      backend_s=stats.total_s)
+    def _publish_commands(self, commands: Sequence[DeviceCommand]) -> None:
+        if self.bridge is not None:
+            self.bridge.publish_commands(commands)
 
 
-def latency_json(stats: GenerationStats, intent: str = "chat") -> dict[str, Any]:
-    """The reply payload's ``latency`` object for one model request."""
-    def r(x: float | None) -> float | None:
-        return None if x is None else round(x, 6)
+def latency_json(result: TurnResult) -> dict[str, Any]:
+    """The reply payload's ``latency`` object for one turn."""
+    stats = result.stats
+    lat = result.latency
 
-    return {
-        "total_s": r(stats.total_s), "ttft_s": r(stats.ttft_s), "queue_s": r(stats.queue_s),
-        "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens,
-        "completion_tokens": stats.completion_tokens, "cache_hit": stats.cache_hit,
-        "finish_reason": stats.finish_reason, "intent": intent,
-    }
+    def r(x: object) -> float | None:
+        return round(float(x), 6) if isinstance(x, (int, float)) and not isinstance(x, bool) \
+            else None
+
+    out: dict[str, Any] = {"total_s": r(lat.get("total")), "intent": result.intent}
+    if result.intent in ("local", "ambiguous", "control"):
+        return out
+    out.update({
+        "ttft_s": r(stats.get("ttft_s")), "queue_s": r(stats.get("queue_s")),
+        "prompt_tokens": stats.get("prompt_tokens"), "cached_tokens": stats.get("cached_tokens"),
+        "completion_tokens": stats.get("completion_tokens"), "cache_hit": stats.get("cache_hit"),
+        "finish_reason": "cancelled" if result.cancelled else stats.get("finish_reason"),
+        "regenerated": result.regenerated,
+    })
+    return out
+
+
+def _model_seconds(result: TurnResult) -> float:
+    if result.intent == "llm":
+        return float(result.latency.get("devices", 0.0))
+    total = result.stats.get("total_s")
+    return float(total) if isinstance(total, (int, float)) else 0.0
+
+
+def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of ``values`` (booleans are not numbers here)."""
+    return {f"{k}_s": round(float(v), 6) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def text_frontend(backend: Any, settings: Settings, devices: DeviceMap | None = None
+                  ) -> MqttFrontend:
+    """A text-only frontend over an already started ``backend`` (the hub, tests)."""
+    from jarvis.voice.assembly import make_responder
+
+    responder, tracker = make_responder(backend, settings, devices or DeviceMap())
+    return MqttFrontend(responder, tracker)
+
+
+async def attach_mqtt(settings: Settings, assistant: Assistant,
+                      sink: AudioSink | None) -> tuple[MqttBridge, MqttFrontend]:
+    """The bridge for a running voice assistant (``jarvis run`` with MQTT)."""
+    frontend = MqttFrontend(assistant.responder, assistant.tracker, sink=sink,
+                            pipeline=assistant.pipeline)
+    bridge = MqttBridge(settings.mqtt, frontend)
+    frontend.attach(bridge)
+    return bridge, frontend
 
 
 async def run_hub(settings: Settings, *, stop: asyncio.Event | None = None,
                   options: BridgeOptions | None = None) -> None:
     """Load the model (and the device map), then serve MQTT until ``stop`` is set."""
-    from jarvis.llm.llama_cpp import LlamaCppBackend
-
     mqtt = settings.mqtt
     if not mqtt.enabled:
         raise MqttConfigError("hub mode talks MQTT only: set JARVIS_MQTT_HOST (and "
                               "JARVIS_MQTT_PORT, JARVIS_MQTT_USERNAME, ... as needed)")
-    devices = (await asyncio.to_thread(load_device_map, mqtt.devices_file)
-               if mqtt.devices_file else DeviceMap())
-    backend = LlamaCppBackend(settings.llm, settings.cache, prefill_system=True)
-    await backend.start()
+    if mqtt.devices_file:  # a broken map fails before the model loads
+        await asyncio.to_thread(load_device_map, mqtt.devices_file)
+    assistant = await build_assistant(settings, listen=False, speak=False)
     try:
-        assistant = HubAssistant(backend, settings.llm, settings.latency, devices=devices,
-                                 devices_file=mqtt.devices_file, room=mqtt.site)
-        log.info("hub ready: %d devices, MQTT %s:%d, topics %s/...", len(devices), mqtt.host,
-                 mqtt.port, mqtt.base_topic)
-        await MqttBridge(mqtt, assistant, options=options).run(stop)
+        frontend = MqttFrontend(assistant.responder, assistant.tracker)
+        bridge = MqttBridge(mqtt, frontend, options=options)
+        frontend.attach(bridge)
+        log.info("hub ready: %d devices, MQTT %s:%d, topics %s/...", len(assistant.devices),
+                 mqtt.host, mqtt.port, mqtt.base_topic)
+        await bridge.run(stop)
     finally:
-        await backend.close()
+        await assistant.close()

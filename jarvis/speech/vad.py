@@ -123,9 +123,11 @@ class SegmenterConfig:
     threshold: float = 0.5
     neg_threshold: float | None = None
     """Below this a frame counts as silence; default ``threshold - 0.15``."""
-    silence_ms: int = 400
+    # The defaults are those of the JARVIS_VAD_* settings (a test keeps them equal),
+    # except pause_ms: no likely ends unless asked for.
+    silence_ms: int = 300
     min_speech_ms: int = 200
-    preroll_ms: int = 300
+    preroll_ms: int = 500
     max_utterance_s: float = 15.0
     pause_ms: int = 0
     """Silence after which :class:`PauseDetected` fires; 0 (or not shorter than

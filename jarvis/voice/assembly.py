@@ -1,5 +1,6 @@
-"""Builds the whole assistant from :class:`~jarvis.config.Settings`: the LLM backend,
-ASR, TTS and endpointer, loaded in parallel and warmed before anything is heard."""
+"""Builds the assistant from :class:`~jarvis.config.Settings`: the LLM backend, the
+device map, and (when asked for) ASR, TTS and the endpointer, loaded in parallel and
+warmed before anything is heard; the one responder and the voice pipeline on top."""
 
 from __future__ import annotations
 
@@ -9,51 +10,95 @@ import time
 from dataclasses import dataclass
 
 from jarvis.config import Settings
+from jarvis.devices.device_map import DeviceMap, load_device_map
+from jarvis.devices.handler import DeviceHandler
 from jarvis.latency import LatencyTracker
+from jarvis.llm.base import LLMBackend
 from jarvis.llm.llama_cpp import LlamaCppBackend
 from jarvis.speech.asr import WhisperAsr
 from jarvis.speech.silero import Endpointer
 from jarvis.speech.tts import PiperTts
+from jarvis.voice.conversations import Conversations
+from jarvis.voice.events import EventBus
 from jarvis.voice.pipeline import VoicePipeline
+from jarvis.voice.responder import Responder, tracker_listener
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Assistant:
-    """The loaded engines and the voice pipeline that joins them."""
+    """The loaded engines, the responder every entry point uses, and the voice
+    pipeline (None when built without speech)."""
 
     backend: LlamaCppBackend
-    asr: WhisperAsr
-    tts: PiperTts
-    pipeline: VoicePipeline
+    responder: Responder
     tracker: LatencyTracker
+    devices: DeviceHandler
+    asr: WhisperAsr | None = None
+    tts: PiperTts | None = None
+    pipeline: VoicePipeline | None = None
     ready_s: float = 0.0
 
+    @property
+    def bus(self) -> EventBus:
+        return self.responder.bus
+
+    def voice(self) -> VoicePipeline:
+        """The voice pipeline; a JarvisError-free assertion for callers that built it."""
+        assert self.pipeline is not None, "built without speech"
+        return self.pipeline
+
     async def close(self) -> None:
-        await self.pipeline.cancel_reply()
+        if self.pipeline is not None:
+            await self.pipeline.cancel_reply()
         await self.backend.close()
-        await asyncio.to_thread(self.tts.close)
+        if self.tts is not None:
+            await asyncio.to_thread(self.tts.close)
 
 
-async def build_assistant(settings: Settings, *, listen: bool = True) -> Assistant:
+async def build_assistant(settings: Settings, *, listen: bool = True, speak: bool = True,
+                          prefill_system: bool = True) -> Assistant:
     """Load everything (in parallel worker threads) and return the ready assistant.
-    ``listen=False`` skips the VAD model (text-only turns)."""
+    ``listen=False`` skips the VAD model and ASR is kept only for ``converse``-style
+    turns; ``speak=False`` skips ASR and TTS altogether (text turns only)."""
     started = time.monotonic()
-    backend = LlamaCppBackend(settings.llm, settings.cache, prefill_system=True)
-    asr = WhisperAsr(settings.asr)
-    phrase_dir = settings.cache.dir.parent / "phrases" if settings.cache.dir else None
-    tts = PiperTts(settings.tts, phrase_dir)
-    endpointer = Endpointer(settings.vad) if listen else None
+    backend = LlamaCppBackend(settings.llm, settings.cache, prefill_system=prefill_system)
+    asr = WhisperAsr(settings.asr) if speak else None
+    phrase_dir = settings.cache.dir / "phrases" if settings.cache.dir else None
+    tts = PiperTts(settings.tts, phrase_dir) if speak else None
+    endpointer = Endpointer(settings.vad) if listen and speak else None
+    devices_file = settings.mqtt.devices_file
     try:
-        await asyncio.gather(backend.start(), asr.start(), tts.start())
+        device_map = (await asyncio.to_thread(load_device_map, devices_file)
+                      if devices_file else DeviceMap())  # a broken map fails before loading
+        await asyncio.gather(backend.start(), *(engine.start() for engine in (asr, tts)
+                                                  if engine is not None))
     except BaseException:
         await backend.close()
         raise
-    tracker = LatencyTracker(spike_threshold_s=settings.latency.spike_threshold_s)
-    pipeline = VoicePipeline(backend, asr, tts, settings.pipeline, settings.llm.system_prompt,
-                             endpointer=endpointer, tracker=tracker,
-                             silence_ms=settings.vad.silence_ms)
+    responder, tracker = make_responder(backend, settings, device_map, tts)
+    devices = responder.devices
+    assert devices is not None
+    pipeline = (VoicePipeline(responder, asr, settings.pipeline, endpointer=endpointer,
+                              silence_ms=settings.vad.silence_ms)
+                if asr is not None else None)
     ready = time.monotonic() - started
     log.info("assistant ready in %.2f s", ready)
-    return Assistant(backend, asr, tts, pipeline, tracker, ready)
+    return Assistant(backend, responder, tracker, devices, asr, tts, pipeline, ready)
+
+
+def make_responder(backend: LLMBackend, settings: Settings, device_map: DeviceMap,
+                   tts: PiperTts | None = None) -> tuple[Responder, LatencyTracker]:
+    """The one responder over ``backend`` (and ``tts``), with its conversations, device
+    map and a latency tracker fed by its ``TURN_END`` events."""
+    p = settings.pipeline
+    conversations = Conversations(settings.llm.system_prompt, history_turns=p.history_turns,
+                                  idle_s=p.conversation_idle_s)
+    devices = DeviceHandler(backend, device_map, room=settings.mqtt.site,
+                            devices_file=settings.mqtt.devices_file)
+    responder = Responder(backend, conversations, tts=tts, devices=devices,
+                          repetition_guard=p.repetition_guard)
+    tracker = LatencyTracker(spike_threshold_s=settings.latency.spike_threshold_s)
+    responder.bus.subscribe(tracker_listener(tracker))
+    return responder, tracker

@@ -64,11 +64,31 @@ def test_ask_plain_output_and_errors(tmp_path: Path) -> None:
     assert empty.returncode == 2
     assert "the request text is empty" in empty.stderr
 
+    long = jarvis("ask", "x" * 4001, tmp_path=tmp_path)
+    assert long.returncode == 2
+    assert "jarvis: error: the request is 4,001 characters long; the limit is 4,000" \
+        in long.stderr
+
     missing = jarvis("ask", "hi", tmp_path=tmp_path, JARVIS_MODEL_PATH="/nope/model.gguf")
     assert missing.returncode == 2
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1 and "JARVIS_MODEL_PATH=/nope/model.gguf: no such file" in lines[0]
     assert "Traceback" not in missing.stderr
+
+
+def test_ask_speak_goes_through_the_device_map_like_every_entry_point(tmp_path: Path) -> None:
+    # `jarvis ask --speak` used to skip the device matcher; it is now a turn like any other.
+    wav = tmp_path / "reply.wav"
+    out = jarvis("ask", "Turn on the kitchen light.", "--speak", "-o", str(wav), "--json",
+                 tmp_path=tmp_path, JARVIS_DEVICES_FILE=str(ROOT / "config" /
+                                                          "devices.example.toml"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["intent"] == "local" and result["outcome"] == "answered"
+    assert [a["device"] for a in result["actions"]] == ["kitchen_light"]
+    assert result["completion_tokens"] is None  # the model was not asked
+    assert wav.stat().st_size > 10_000 and "kitchen light" in result["reply"].lower()
+    assert "not sent (no MQTT bridge)" in out.stderr  # and it says so
 
 
 def test_latency_script_sequential_and_concurrent(tmp_path: Path) -> None:
@@ -92,4 +112,6 @@ def test_latency_script_sequential_and_concurrent(tmp_path: Path) -> None:
     assert conc.returncode == 0, conc.stderr + conc.stdout
     report = json.loads(out.read_text())
     assert report["concurrent"] is True and report["count"] == 4 and report["errors"] == 0
-    assert report["p95_over_sequential"] is not None
+    assert report["baseline"]["p95_s"] > 0
+    assert report["p95_over_sequential"] == pytest.approx(
+        report["p95_s"] / report["baseline"]["p95_s"])

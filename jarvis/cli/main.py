@@ -172,7 +172,7 @@ def _print_turn(result: TurnResult, as_json: bool, *, printed: bool = False) -> 
         print(f"you>    {result.transcript}")
     if not printed and result.outcome.value != "failed":
         print(f"jarvis> {result.reply}" if result.transcript else result.reply)
-    parts = [f"{k} {v:.3f} s" for k, v in result.latency.items()]
+    parts = [f"{_LABELS.get(k, k)} {v:.3f} s" for k, v in result.latency.items()]
     stats = result.stats
     if "prompt_tokens" in stats:
         parts.append(f"prompt {stats['prompt_tokens']} tokens ({stats['cached_tokens']} from "
@@ -181,6 +181,11 @@ def _print_turn(result: TurnResult, as_json: bool, *, printed: bool = False) -> 
         parts.append("actions " + ", ".join(f"{a['device']}.{a['action']}"
                                             for a in result.actions))
     print("        [" + " · ".join(parts) + "]", file=sys.stderr)
+
+
+_LABELS = {"llm_ttft": "first token", "tts_first": "first audio after it",
+           "voice_to_voice": "voice to voice", "asr": "speech recognition",
+           "devices": "device map"}
 
 
 def _turn_json(result: TurnResult) -> dict[str, Any]:

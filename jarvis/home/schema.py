@@ -47,9 +47,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from jarvis.errors import JarvisError
+from jarvis.voice.turn import MAX_REQUEST_CHARS, RequestError, validate_request
 
 MAX_PAYLOAD_BYTES = 64 * 1024
-MAX_TEXT_CHARS = 4000
+MAX_TEXT_CHARS = MAX_REQUEST_CHARS
 MAX_ID_CHARS = 200
 MAX_ASK_TOKENS = 4096
 STATES = ("idle", "listening", "thinking", "speaking")
@@ -255,12 +256,12 @@ def parse_command(topic: str, payload: bytes, topics: Topics, *, retain: bool = 
 
 def _text(data: dict[str, Any], cid: CorrelationId) -> str:
     text = data.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise PayloadError("invalid_payload", "'text' must be a non-empty string", cid)
-    if len(text) > MAX_TEXT_CHARS:
-        raise PayloadError("invalid_payload", f"'text' is longer than {MAX_TEXT_CHARS} "
-                           "characters", cid)
-    return text.strip()
+    if not isinstance(text, str):
+        raise PayloadError("invalid_payload", "'text' must be a string", cid)
+    try:
+        return validate_request(text)  # the same words as every other entry point
+    except RequestError as exc:
+        raise PayloadError(exc.code, str(exc), cid) from None
 
 
 def _id(data: dict[str, Any], key: str, cid: CorrelationId) -> CorrelationId:

@@ -252,8 +252,10 @@ class Responder:
             guard = ReplyGuard(earlier, raise_on_repeat=(
                 not fresh and self.repetition_guard and bool(earlier)))
             stream = await self._open(conversation, request, options, fresh=fresh)
+            received = 0
             try:
                 async for piece in stream:
+                    received += 1
                     if first:
                         first = False
                         turn.latency["llm_ttft"] = time.monotonic() - t_start
@@ -272,8 +274,9 @@ class Responder:
                 continue
             finally:
                 stream.cancel()  # a no-op when it finished; frees the model otherwise
-                if stream.stats is not None:
-                    result.stats = _stats(stream)
+                # Stopped mid-stream, the backend's own count arrives later: count here.
+                result.stats = _stats(stream) if stream.stats is not None else {
+                    "completion_tokens": received, "finish_reason": "cancelled"}
             if tail:
                 yield self._released(turn, tail)
             result.stats["repeated"] = guard.repeated

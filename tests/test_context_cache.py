@@ -99,7 +99,7 @@ def test_dropping_old_turns_slides_the_state_back_instead_of_evaluating_it(
                 assert stats.evaluated_prompt_tokens < 30, stats
                 # Slid KV is right for this conversation but is no cache entry's truth:
                 # it is never snapshotted.
-                assert not backend.engine._store_live()
+                assert not backend.engine.kv.store_live()
             else:  # the kept turns are evaluated again
                 assert "cache_slide" not in stats.stages
                 assert stats.evaluated_prompt_tokens > 60, stats

@@ -241,8 +241,11 @@ class AiomqttTransport:
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[Connection]:
         client = self._client()
+        watched = _read_failures(client, self.settings.password)
         try:
             async with client:
+                # aiomqtt replaces its futures while connecting: watch the new ones too.
+                watched = _read_failures(client, self.settings.password, watched)
                 yield _AiomqttConnection(client)
         except aiomqtt.MqttCodeError as exc:
             reason = _reason(exc, self.settings.password)
@@ -256,9 +259,40 @@ class AiomqttTransport:
         except aiomqtt.MqttError as exc:
             reason = _reason(exc, self.settings.password)
             raise MqttConnectionError(f"{self._where()}: {reason}") from None
+        finally:
+            _read_failures(client, self.settings.password, watched)
 
     def _where(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
+
+
+def _read_failures(client: aiomqtt.Client, secret: str,
+                   watched: tuple[asyncio.Future[object], ...] = ()
+                   ) -> tuple[asyncio.Future[object], ...]:
+    """Make sure the reason a connection ended is read, whoever reads it.
+
+    aiomqtt 2.5 records a lost connection as the exception of a future
+    (``Client._disconnected``; a refused or late CONNACK on ``Client._connected``) that
+    only message iteration, a failing publish or ``__aenter__`` reads. When the broker
+    goes away while nobody is reading (during the subscriptions after a reconnect, or
+    once our publisher has already failed), ``__aexit__`` returns without reading it and
+    asyncio logs ``ERROR asyncio: Future exception was never retrieved`` when the client
+    is collected. The bridge learns of the loss through the error it does get, so here
+    the reason is only logged at debug level. Returns the futures watched so far
+    (``watched`` and the new ones), so that each is read once."""
+    futures = list(watched)
+    for name in ("_connected", "_disconnected"):
+        future = getattr(client, name, None)
+        if not isinstance(future, asyncio.Future) or any(f is future for f in futures):
+            continue
+        futures.append(future)
+
+        def read(done: asyncio.Future[object]) -> None:
+            if not done.cancelled() and (exc := done.exception()) is not None:
+                log.debug("MQTT: connection ended: %s", _reason(exc, secret))
+
+        future.add_done_callback(read)
+    return tuple(futures)
 
 
 def _reason(exc: BaseException, secret: str) -> str:

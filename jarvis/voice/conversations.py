@@ -80,7 +80,7 @@ class Conversations:
         if entry is None:
             entry = Entry(self.new())
             self._entries[conversation_id] = entry
-            self._evict()
+            self._evict(keep=conversation_id)
         entry.last_used = now
         self._entries.move_to_end(conversation_id)
         return entry
@@ -96,12 +96,11 @@ class Conversations:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _evict(self) -> None:
-        while len(self._entries) > self.max_conversations:
-            oldest = next(iter(self._entries))
-            if self._entries[oldest].lock.locked():
-                self._entries.move_to_end(oldest)  # in use: keep it, try the next
-                if all(e.lock.locked() for e in self._entries.values()):
-                    return
-                continue
-            del self._entries[oldest]
+    def _evict(self, keep: str) -> None:
+        """Drop the least recently used conversations over the cap; never ``keep`` (just
+        created) nor one in use (the cap may then be exceeded until they finish)."""
+        for conversation_id in list(self._entries):
+            if len(self._entries) <= self.max_conversations:
+                return
+            if conversation_id != keep and not self._entries[conversation_id].lock.locked():
+                del self._entries[conversation_id]

@@ -88,8 +88,8 @@ class ReplyGuard:
             spans.pop()  # the last word may still grow
         words = [_NORM.sub("", self._text[a:b].lower()) for a, b in spans]
         if not self._head_done:
-            if len(spans) < self.head_words and not final:
-                return ""
+            if sum(1 for w in words if w) < self.head_words and not final:
+                return ""  # (bullets and emoji are not words)
             self._head_done = True
             head = tuple(w for w in words if w)[:self.head_words]
             if len(head) == self.head_words and head in self._openings:

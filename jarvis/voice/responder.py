@@ -229,9 +229,13 @@ class Responder:
         t_start = time.monotonic()
         pieces = self._reply_pieces(turn, conversation, request, result, t_start)
         if sink is None or self.tts is None:
-            text = "".join([piece async for piece in pieces])
+            released: list[str] = []
+            try:
+                async for piece in pieces:
+                    released.append(piece)
+            finally:  # interrupted too: what was shown is what was said
+                spoken.add_all("".join(released))
             await turn.committed()
-            spoken.add_all(text)
         else:
             await sink.play(self._timed(turn, self.tts.stream(pieces), spoken, t_start),
                             self.tts.sample_rate)

@@ -81,10 +81,3 @@ def peak(samples: FloatArray) -> float:
     """Largest absolute sample value (0.0 for no samples)."""
     return float(np.max(np.abs(samples))) if len(samples) else 0.0
 
-
-def rms_dbfs(samples: FloatArray) -> float:
-    """RMS level in dB relative to full scale; -inf for silence or no samples."""
-    if not len(samples):
-        return float("-inf")
-    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
-    return 20.0 * float(np.log10(rms)) if rms > 0 else float("-inf")

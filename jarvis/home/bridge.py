@@ -302,10 +302,6 @@ class MqttBridge:
         """Wait until everything queued has reached the broker; False on timeout."""
         return await self._outbox.drained(timeout)
 
-    @property
-    def pending_asks(self) -> int:
-        return len(self._asks)
-
     # ------------------------------------------------------------------ connection
 
     async def _session(self, stop: asyncio.Event) -> None:

@@ -47,10 +47,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from jarvis.errors import JarvisError
-from jarvis.voice.turn import MAX_REQUEST_CHARS, RequestError, validate_request
+from jarvis.voice.turn import RequestError, validate_request
 
 MAX_PAYLOAD_BYTES = 64 * 1024
-MAX_TEXT_CHARS = MAX_REQUEST_CHARS
 MAX_ID_CHARS = 200
 MAX_ASK_TOKENS = 4096
 STATES = ("idle", "listening", "thinking", "speaking")

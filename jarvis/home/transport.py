@@ -169,6 +169,25 @@ class Outbox:
         return True
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, failing a connection attempt as soon as the connection is lost
+    before the broker's CONNACK.
+
+    aiomqtt 2.5 ignores a disconnection that comes before the CONNACK and waits out
+    its whole timeout instead: a broker that refuses the TLS handshake (no client
+    certificate), or one going down just after accepting the TCP connection, cost
+    ``connect_timeout_s`` per attempt. Here the attempt fails at once with the reason.
+    """
+
+    def _on_disconnect(self, client: object, userdata: object, flags: object,
+                       reason_code: object, properties: object = None) -> None:
+        if not self._disconnected.done() and not self._connected.done():
+            self._connected.set_exception(aiomqtt.MqttCodeError(
+                reason_code, "Connection lost before the broker answered"))
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+
 class _AiomqttConnection:
     def __init__(self, client: aiomqtt.Client) -> None:
         self._client = client
@@ -220,7 +239,7 @@ class AiomqttTransport:
                 keyfile=str(s.tls_key) if s.tls_key else None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
-        return aiomqtt.Client(
+        return _Client(
             s.host, s.port,
             username=s.username or None,
             password=s.password or None,

@@ -120,11 +120,6 @@ class LlamaEngine:
         not thread-safe, so use it only while no request runs)."""
         return self._require().kv
 
-    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The prompt for ``messages`` as the model's chat template formats it (see
-        :meth:`ChatPrompt.tokenize <jarvis.llm.prompt.ChatPrompt.tokenize>`)."""
-        return self._require().prompt.tokenize(messages)
-
     # ------------------------------------------------------------------ requests
 
     def warmup(self, prefill_system: bool) -> float:

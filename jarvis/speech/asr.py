@@ -150,10 +150,6 @@ class WhisperAsr:
     def loaded(self) -> bool:
         return self._model is not None
 
-    @property
-    def multilingual(self) -> bool:
-        return bool(self._require().model.is_multilingual)
-
     def load(self) -> None:
         """Load the model, precompute the padding's encoder output, warm up."""
         if self._model is not None:

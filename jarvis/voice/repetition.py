@@ -37,12 +37,6 @@ def opening(text: str, head_words: int = 4) -> tuple[str, ...] | None:
     return tuple(words[:head_words]) if len(words) >= head_words else None
 
 
-def repeats_opening(text: str, earlier: Iterable[str], head_words: int = 4) -> bool:
-    """Whether ``text`` starts with the same ``head_words`` words as one of ``earlier``."""
-    mine = opening(text, head_words)
-    return mine is not None and any(opening(e, head_words) == mine for e in earlier)
-
-
 class ReplyGuard:
     """Feed the reply's pieces in; release only what passed the checks."""
 

@@ -13,11 +13,13 @@
     │   └── AudioDeviceError       no sound device, unknown/ambiguous device, PortAudio missing
     ├── AsrError                   speech recognition failed (bad input array, engine error)
     ├── TtsError                   nothing to say (empty text) or synthesis failed
+    ├── RequestError               a request no entry point accepts (empty, too long)
     └── MqttError                  the MQTT bridge (its tree is in jarvis/home/schema.py)
 
-The speech, audio and MQTT errors live beside their code (jarvis/audio/errors.py,
-jarvis/speech/asr.py, jarvis/speech/tts.py, jarvis/home/schema.py); ``DeviceMapError``
-(jarvis/devices/device_map.py) is a ConfigError.
+The others live beside their code: jarvis/audio/errors.py, jarvis/speech/asr.py
+(AsrError), jarvis/speech/errors.py (TtsError), jarvis/voice/turn.py (RequestError),
+jarvis/home/schema.py; ``DeviceMapError`` (jarvis/devices/device_map.py) is a
+ConfigError.
 
 Foreign exceptions (llama.cpp, onnxruntime, paho-mqtt, OS errors) are caught where they
 happen and raised again as one of these with ``raise ... from None``: the foreign

@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jarvis.audio import AudioFormatError, to_int16
+from jarvis.audio import AudioFormatError, FloatArray, to_int16
 from jarvis.cli.speech import register
 from jarvis.errors import ModelError
 from jarvis.evaluation.wer import word_error_rate, word_errors
@@ -22,16 +23,9 @@ from jarvis.speech.asr import (
     normalize_words,
     resolve_model,
 )
-from tests.test_speech_support import (
-    COMMANDS,
-    JFK,
-    JFK_TEXT,
-    default_settings,
-    jfk_audio,
-    loaded_asr,
-    silence,
-    spoken,
-)
+from tests.support.speech import COMMANDS, JFK, JFK_TEXT, default_settings, silence
+
+Speak = Callable[[str], FloatArray]
 
 # --------------------------------------------------------------------------- word error rate
 
@@ -52,18 +46,19 @@ def test_normalisation_ignores_case_punctuation_and_digit_spelling() -> None:
 # --------------------------------------------------------------------------- accuracy
 
 
-def test_jfk_word_error_rate_with_trimmed_padding() -> None:
-    result = loaded_asr().transcribe(jfk_audio())
+def test_jfk_word_error_rate_with_trimmed_padding(asr: WhisperAsr,
+                                                  jfk_audio: FloatArray) -> None:
+    result = asr.transcribe(jfk_audio)
     assert result.method == "trimmed" and result.language == "en"
     assert result.duration_s == pytest.approx(11.0)
     assert word_error_rate(JFK_TEXT, result.text) <= 0.10, result.text
 
 
 @pytest.mark.slow
-def test_trimmed_and_padded_encoding_agree_on_jfk() -> None:
-    asr = loaded_asr()
-    trimmed = asr.transcribe(jfk_audio(), trim_padding=True)
-    padded = asr.transcribe(jfk_audio(), trim_padding=False)
+def test_trimmed_and_padded_encoding_agree_on_jfk(asr: WhisperAsr,
+                                                  jfk_audio: FloatArray) -> None:
+    trimmed = asr.transcribe(jfk_audio, trim_padding=True)
+    padded = asr.transcribe(jfk_audio, trim_padding=False)
     assert padded.method == "padded"
     assert normalize_words(trimmed.text) == normalize_words(padded.text)
 
@@ -74,8 +69,7 @@ def _as_segmented(audio: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_synthesised_home_commands_word_error_rate() -> None:
-    asr = loaded_asr()
+def test_synthesised_home_commands_word_error_rate(asr: WhisperAsr, spoken: Speak) -> None:
     errors = words = 0
     wrong = []
     for command in COMMANDS:
@@ -89,24 +83,22 @@ def test_synthesised_home_commands_word_error_rate() -> None:
 
 
 @pytest.mark.slow
-def test_round_trip_piper_speaks_whisper_hears() -> None:
+def test_round_trip_piper_speaks_whisper_hears(asr: WhisperAsr, spoken: Speak) -> None:
     sentence = "Please set an alarm for seven in the morning."
-    result = loaded_asr().transcribe(_as_segmented(spoken(sentence)))
+    result = asr.transcribe(_as_segmented(spoken(sentence)))
     assert normalize_words(result.text) == normalize_words(sentence), result.text
 
 
-def test_int16_input_gives_the_same_text() -> None:
-    asr = loaded_asr()
-    audio = jfk_audio()[: 5 * 16000]
+def test_int16_input_gives_the_same_text(asr: WhisperAsr, jfk_audio: FloatArray) -> None:
+    audio = jfk_audio[: 5 * 16000]
     assert asr.transcribe(to_int16(audio)).text == asr.transcribe(audio).text
 
 
-def test_async_wrapper_runs_in_a_worker_thread() -> None:
-    asr = loaded_asr()
-
+def test_async_wrapper_runs_in_a_worker_thread(asr: WhisperAsr,
+                                               jfk_audio: FloatArray) -> None:
     async def both() -> tuple[str, str]:
-        a, b = await asyncio.gather(asr.transcribe_async(jfk_audio()[:48000]),
-                                    asr.transcribe_async(jfk_audio()[:48000]))
+        a, b = await asyncio.gather(asr.transcribe_async(jfk_audio[:48000]),
+                                    asr.transcribe_async(jfk_audio[:48000]))
         return a.text, b.text
 
     first, second = asyncio.run(both())
@@ -114,9 +106,10 @@ def test_async_wrapper_runs_in_a_worker_thread() -> None:
 
 
 @pytest.mark.slow
-def test_audio_longer_than_30_seconds_uses_long_form() -> None:
-    audio = np.concatenate([jfk_audio(), silence(1.0)] * 3)
-    result = loaded_asr().transcribe(audio)
+def test_audio_longer_than_30_seconds_uses_long_form(asr: WhisperAsr,
+                                                     jfk_audio: FloatArray) -> None:
+    audio = np.concatenate([jfk_audio, silence(1.0)] * 3)
+    result = asr.transcribe(audio)
     assert result.method == "long-form"
     assert word_error_rate(" ".join([JFK_TEXT] * 3), result.text) <= 0.10, result.text
 
@@ -131,14 +124,14 @@ def test_audio_longer_than_30_seconds_uses_long_form() -> None:
     ("loud noise", 0.1 * np.random.default_rng(2).standard_normal(32000)),
     ("mains hum", 0.2 * np.sin(np.arange(32000) * 2 * np.pi * 50 / 16000)),
 ])
-def test_no_speech_gives_no_text_and_no_error(name: str, audio: np.ndarray) -> None:
-    result = loaded_asr().transcribe(audio.astype(np.float32))
+def test_no_speech_gives_no_text_and_no_error(asr: WhisperAsr, name: str,
+                                              audio: np.ndarray) -> None:
+    result = asr.transcribe(audio.astype(np.float32))
     assert result.text == "", (name, result)
     assert result.duration_s == pytest.approx(len(audio) / 16000)
 
 
-def test_bad_arrays_are_clear_errors() -> None:
-    asr = loaded_asr()
+def test_bad_arrays_are_clear_errors(asr: WhisperAsr) -> None:
     with pytest.raises(AsrError, match="mono"):
         asr.transcribe(np.zeros((16000, 2), dtype=np.float32))
     with pytest.raises(AsrError, match="NaN"):

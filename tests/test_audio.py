@@ -17,6 +17,7 @@ from jarvis.audio import (
     ASR_RATE,
     AudioError,
     AudioFormatError,
+    Microphone,
     Resampler,
     WavSink,
     file_source,
@@ -27,7 +28,7 @@ from jarvis.audio import (
     to_mono,
     write_wav,
 )
-from tests.test_speech_support import (
+from tests.support.speech import (
     CLI_SCRIPT,
     JFK,
     raw_int16,
@@ -226,7 +227,7 @@ asyncio.run(main(float(sys.argv[1]), int(sys.argv[2])))
 
 
 def _jfk_as_mic(home: Path) -> np.ndarray:
-    pcm, _ = sf.read(JFK, dtype="int16")
+    pcm: np.ndarray = sf.read(JFK, dtype="int16")[0]
     pcm.tofile(home / "mic.raw")
     write_asoundrc(home, home / "mic.raw")
     return pcm
@@ -259,6 +260,22 @@ def test_microphone_resamples_a_48k_device_to_16k(tmp_path: Path) -> None:
     error = got - original[: len(got)]
     snr_db = 10 * np.log10(np.sum(original[: len(got)] ** 2) / np.sum(error**2))
     assert snr_db > 35  # 16 -> 48 -> 16 kHz gives back the recording
+
+
+def test_microphone_status_flags_are_counted_not_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Months of PortAudio overflow reports take one counter per kind of flag."""
+    sd = pytest.importorskip("sounddevice")
+    lib = sd._lib
+    mic = Microphone()
+    for _ in range(100_000):
+        mic.note_status(sd.CallbackFlags(lib.paInputOverflow))
+    mic.note_status(sd.CallbackFlags(lib.paInputOverflow | lib.paInputUnderflow))
+    assert mic.status_flags == {"input overflow": 100_001, "input underflow": 1}
+    caplog.set_level("WARNING", logger="jarvis.audio.stream")
+    asyncio.run(mic.close())  # never opened: it only reports
+    assert "PortAudio reported input overflow x100001, input underflow x1" in caplog.text
 
 
 SPEAKER_SCRIPT = """

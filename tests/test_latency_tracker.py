@@ -518,6 +518,10 @@ def test_summary_invariants(rows: list[tuple[float, bool | None, bool, bool]]) -
     s = tracker.summary()
     assert s.count == sum(not w and not f for _, _, w, f in rows)
     assert s.errors == sum(f for *_, f in rows)
+    # Every lookup counts (warm-ups and failures too); only "no cache" does not.
+    assert s.cache_queries == sum(hit is not None for _, hit, _, _ in rows)
+    assert s.cache_hits == sum(hit is True for _, hit, _, _ in rows)
+    assert (s.cache_hit_rate is None) == (s.cache_queries == 0)
     if s.cache_hit_rate is not None:
         assert 0 <= s.cache_hit_rate <= 1
     if s.token_reuse_rate is not None:

@@ -20,16 +20,13 @@ from jarvis.errors import BackendError
 from jarvis.home.schema import AskCommand, PayloadError, Topics, parse_command
 from jarvis.llm.base import ChatMessage, GenerationOptions, GenerationStats
 from jarvis.voice.turn import MAX_REQUEST_CHARS, RequestError, validate_request
-from tests.test_mqtt_support import (
+from tests.support.mqtt import (
     LoopThread,
     Mosquitto,
     Probe,
     RunningHub,
-    backend,  # noqa: F401  (session fixtures)
     hub_settings,
     loads,
-    loop_thread,  # noqa: F401
-    mosquitto,  # noqa: F401
     probe,
     start_hub,
 )
@@ -67,7 +64,7 @@ class Hub:
 
 
 @pytest.fixture(scope="module")
-def hub(mosquitto: Mosquitto, loop_thread: LoopThread, backend: Any,  # noqa: F811
+def hub(mosquitto: Mosquitto, loop_thread: LoopThread, backend: Any,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     tmp = tmp_path_factory.mktemp("hub")
     devices = tmp / "devices.toml"
@@ -88,7 +85,7 @@ def hub(mosquitto: Mosquitto, loop_thread: LoopThread, backend: Any,  # noqa: F8
 # ---------------------------------------------------------------------- announcements
 
 
-def test_availability_state_and_mute_are_retained(hub: Hub, mosquitto: Mosquitto) -> None:  # noqa: F811
+def test_availability_state_and_mute_are_retained(hub: Hub, mosquitto: Mosquitto) -> None:
     async def scenario() -> None:
         async with probe(mosquitto.port, f"{BASE}/availability", f"{BASE}/state",
                          f"{BASE}/muted") as late:
@@ -107,7 +104,7 @@ def _entity(topic: str) -> str:
 
 
 def test_discovery_describes_one_device_with_all_entities(hub: Hub,
-                                                          mosquitto: Mosquitto) -> None:  # noqa: F811
+                                                          mosquitto: Mosquitto) -> None:
     expected = {"sensor/latency_mean", "sensor/latency_p95", "sensor/latency_std",
                 "sensor/cache_hit_rate", "binary_sensor/listening", "binary_sensor/speaking",
                 "switch/mute", "text/ask", "button/cancel"}
@@ -481,7 +478,7 @@ def test_malformed_payload_gets_an_error_and_is_ignored(
 
 
 def test_retained_command_is_refused_on_subscription(
-    mosquitto: Mosquitto, loop_thread: LoopThread, tmp_path: Path  # noqa: F811
+    mosquitto: Mosquitto, loop_thread: LoopThread, tmp_path: Path
 ) -> None:
     """A retained command would run again on every reconnect: it is reported, not run."""
     base = "jarvis/retained"
@@ -589,7 +586,7 @@ class _FailingStream:
 
 
 def test_a_failing_backend_is_reported_per_ask_and_the_bridge_keeps_serving(
-    mosquitto: Mosquitto, loop_thread: LoopThread, tmp_path: Path  # noqa: F811
+    mosquitto: Mosquitto, loop_thread: LoopThread, tmp_path: Path
 ) -> None:
     base = "jarvis/failing"
     failing = FailingBackend()

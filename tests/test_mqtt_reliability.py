@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -21,21 +22,20 @@ import pytest
 
 from jarvis.config import load_settings
 from jarvis.home.bridge import MqttAuthError, MqttBridge, MqttConfigError, MqttConnectionError
-from jarvis.home.hub import HubAssistant, run_hub
+from jarvis.home.hub import run_hub, text_frontend
 from jarvis.home.transport import AiomqttTransport, Connection, Received, Transport, Will
-from tests.test_mqtt_support import (
+from tests.support.mqtt import (
     FAST,
     LoopThread,
     Mosquitto,
     Relay,
     RunningHub,
-    backend,  # noqa: F401  (session fixtures)
     hub_settings,
     loads,
-    loop_thread,  # noqa: F401
     need_mosquitto,
     probe,
     start_hub,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(loop_thread: LoopThread, backend: Any,  # noqa: F811
+def rig(loop_thread: LoopThread, backend: Any,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     """Its own broker (restarted by these tests), and the bridge behind a relay."""
     need_mosquitto()
@@ -99,14 +99,11 @@ def test_network_drop_last_will_then_queued_commands_are_served(rig: Rig) -> Non
             await rig.relay.block()
             await p.wait_for(lambda t, b: t == f"{BASE}/availability" and b == b"offline",
                              start=start, timeout=10)
-            for _ in range(200):  # Jarvis notices the drop on its own schedule
-                if not rig.hub.bridge.connected.is_set():
-                    break
-                await asyncio.sleep(0.05)
-            assert not rig.hub.bridge.connected.is_set()
+            # Jarvis notices the drop on its own schedule.
+            await wait_until(lambda: not rig.hub.bridge.connected.is_set(), 10,
+                             "disconnected")
             ids = ["net-1", "net-2", "net-3"]
-            await ask_all(p, ids)
-            await asyncio.sleep(0.5)
+            await ask_all(p, ids)  # each returns once the broker has it (QoS 1)
             t_back = time.monotonic()
             await rig.relay.unblock()
             await rig.hub.bridge.wait_connected(10)
@@ -130,7 +127,8 @@ def test_broker_restart_mid_reply_delivers_the_reply_after_reconnecting(rig: Rig
                 {"text": "Describe the sea in detail.", "id": "mid-1", "max_tokens": 40}))
             await p.wait_for(lambda t, b: t == f"{BASE}/state" and b == b"thinking", start=start)
             rig.broker.stop()  # SIGTERM: mosquitto saves sessions and queued messages
-            await asyncio.sleep(0.5)
+            await wait_until(lambda: not rig.hub.bridge.connected.is_set(), 10,
+                             "disconnected")
             rig.broker.start()
             assert await replies(p, ["mid-1"], start) == ["mid-1"]
             await ask_all(p, ["mid-2"])
@@ -142,9 +140,11 @@ def test_broker_restart_mid_reply_delivers_the_reply_after_reconnecting(rig: Rig
 def test_broker_killed_reconnects_within_seconds(rig: Rig) -> None:
     async def scenario() -> float:
         rig.broker.stop(kill=True)
-        while rig.hub.bridge.connected.is_set():
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(1.0)  # a few failed attempts, so the backoff has grown
+        await wait_until(lambda: not rig.hub.bridge.connected.is_set(), 10, "disconnected")
+        # A few failed attempts (the relay accepts, then drops the line: each fails at
+        # once), so the backoff has grown to its 0.5 s cap.
+        await wait_until(lambda: rig.hub.bridge._backoff.attempt >= 4, 10,
+                         "4 attempts to reconnect")
         rig.broker.start()
         t_up = time.monotonic()
         await rig.hub.bridge.wait_connected(10)
@@ -168,7 +168,7 @@ def test_commands_sent_while_jarvis_is_away_survive_a_broker_restart(rig: Rig) -
         rig.broker.stop()
         rig.broker.start()
         async with probe(rig.broker.port, f"{BASE}/reply") as p:
-            rig.hub = await start_hub(rig.hub.assistant.backend, settings)
+            rig.hub = await start_hub(rig.hub.backend, settings)
             got = await replies(p, ["away-1", "away-2", "away-3"])
             assert sorted(got) == ["away-1", "away-2", "away-3"]
 
@@ -205,8 +205,29 @@ class _FlakyConnection:
         return self.conn.messages()
 
 
+class AttemptsTransport:
+    """The real transport, recording each connection attempt's outcome: connections made,
+    and the errors that ended them (as text: an error's traceback would keep the
+    attempt's client alive)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.connected = 0
+        self.failures: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[Connection]:
+        try:
+            async with self.inner.connect() as conn:
+                self.connected += 1
+                yield conn
+        except MqttConnectionError as exc:
+            self.failures.append(f"{type(exc).__name__}: {exc}")
+            raise
+
+
 def test_a_publication_cut_short_is_sent_again_after_reconnecting(
-    rig: Rig, backend: Any, tmp_path: Path  # noqa: F811
+    rig: Rig, backend: Any, tmp_path: Path
 ) -> None:
     cfg = hub_settings(tmp_path, **rig.broker.env(SITE="flaky"))
     base = "jarvis/flaky"
@@ -215,8 +236,9 @@ def test_a_publication_cut_short_is_sent_again_after_reconnecting(
         transport = FlakyTransport(
             AiomqttTransport(cfg.mqtt, Will(f"{base}/availability", b"offline")),
             f"{base}/reply")
-        bridge = MqttBridge(cfg.mqtt, HubAssistant(backend, cfg.llm, cfg.latency),
-                            options=FAST, transport=transport)
+        frontend = text_frontend(backend, cfg)
+        bridge = MqttBridge(cfg.mqtt, frontend, options=FAST, transport=transport)
+        frontend.attach(bridge)
         stop = asyncio.Event()
         task = asyncio.ensure_future(bridge.run(stop))
         try:
@@ -235,11 +257,65 @@ def test_a_publication_cut_short_is_sent_again_after_reconnecting(
     rig.loop.run(scenario())
 
 
+def test_a_broker_restart_while_subscribing_logs_no_unretrieved_future(
+    loop_thread: LoopThread, backend: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker restarts while Jarvis waits for its SUBACK (no one reads messages
+    yet): aiomqtt records the lost connection on a future that only message iteration
+    reads, and unread it became ``ERROR asyncio: Future exception was never retrieved``
+    once the client was collected. The transport reads it; the bridge reconnects."""
+    need_mosquitto()
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    # The bridge logs the error that ended the attempt; a captured record would keep it,
+    # and through its traceback the attempt's client, alive past gc.collect().
+    caplog.set_level(logging.ERROR, logger="jarvis.home.bridge")
+    attempts: AttemptsTransport | None = None
+
+    async def scenario() -> MqttBridge:
+        nonlocal attempts
+        relay = await Relay(broker.port).start()
+        relay.swallow_subscribe = True
+        cfg = hub_settings(tmp_path, MQTT_HOST="127.0.0.1", MQTT_PORT=str(relay.port),
+                           SITE="restart")
+        frontend = text_frontend(backend, cfg)
+        attempts = AttemptsTransport(AiomqttTransport(
+            cfg.mqtt, Will("jarvis/restart/availability", b"offline"), timeout=1.0))
+        bridge = MqttBridge(cfg.mqtt, frontend, transport=attempts, options=FAST)
+        frontend.attach(bridge)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(bridge.run(stop))
+        try:
+            await asyncio.wait_for(relay.subscribe_swallowed.wait(), 10)
+            broker.stop()  # SIGTERM: a restart, with Jarvis waiting for its SUBACK
+            broker.start()
+            # The wait for the SUBACK times out, then the next attempt gets through.
+            relay.swallow_subscribe = False
+            await bridge.wait_connected(20)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            await relay.close()
+        return bridge
+
+    try:
+        bridge = loop_thread.run(scenario())
+    finally:
+        broker.stop(kill=True)
+    assert bridge.stats.connects == 2 and attempts is not None
+    # The first attempt was lost while subscribing, after the broker had accepted it.
+    assert attempts.connected == 2 and len(attempts.failures) == 1
+    assert "subscribe to jarvis/restart/cmd/+ failed" in attempts.failures[0]
+    gc.collect()  # the first attempt's client and its futures go (an unread one logs now)
+    assert "never retrieved" not in caplog.text
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+
+
 # ---------------------------------------------------------------------- credentials
 
 
 def test_credentials_are_used_and_never_logged(
-    loop_thread: LoopThread, backend: Any, tmp_path: Path,  # noqa: F811
+    loop_thread: LoopThread, backend: Any, tmp_path: Path,
     caplog: pytest.LogCaptureFixture
 ) -> None:
     need_mosquitto()
@@ -307,7 +383,8 @@ def _certificates(tmp: Path) -> dict[str, Path]:
     return files
 
 
-def test_mutual_tls(loop_thread: LoopThread, backend: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_mutual_tls(loop_thread: LoopThread, backend: Any, tmp_path: Path,
+                    caplog: pytest.LogCaptureFixture) -> None:
     need_mosquitto()
     certs = _certificates(tmp_path)
     broker = Mosquitto(tmp_path / "broker", listener=(
@@ -327,17 +404,26 @@ def test_mutual_tls(loop_thread: LoopThread, backend: Any, tmp_path: Path) -> No
             hub.bridge.publish("jarvis/tls/probe", b"over TLS")
             assert await hub.bridge.flush(5)
             reply = await hub.assistant.ask("turn on the porch light")
-            assert reply.commands[0].device.id == "porch_light"
+            assert [a["device"] for a in reply.actions] == ["porch_light"]
         finally:
             await hub.close()
         assert hub.bridge.stats.connects == 1
-        refused = MqttBridge(no_cert.mqtt, hub.assistant, options=FAST)
+        # Without a client certificate the broker ends every TLS handshake: each attempt
+        # fails as soon as it is refused (long before its 30 s timeout). Wait for two
+        # failed attempts; nothing may have connected.
+        attempts = AttemptsTransport(AiomqttTransport(
+            no_cert.mqtt, Will("jarvis/tls/availability", b"offline"), timeout=30.0))
+        refused = MqttBridge(no_cert.mqtt, hub.assistant, options=FAST, transport=attempts)
         stop = asyncio.Event()
         task = asyncio.ensure_future(refused.run(stop))
-        await asyncio.sleep(1.0)
-        assert refused.stats.connects == 0  # the broker wants a client certificate
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        try:
+            await wait_until(lambda: len(attempts.failures) >= 2, 20, "2 failed attempts")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        assert refused.stats.connects == 0 and attempts.connected == 0
+        assert all(f.startswith("MqttConnectionError: ") for f in attempts.failures)
+        assert "certificate required" in caplog.text  # refused for the reason we think
 
     try:
         loop_thread.run(scenario())
@@ -360,7 +446,7 @@ HUB_COMMAND = (
 
 
 def test_hub_command_serves_then_stops_cleanly(
-    loop_thread: LoopThread, tmp_path: Path  # noqa: F811
+    loop_thread: LoopThread, tmp_path: Path
 ) -> None:
     need_mosquitto()
     broker = Mosquitto(tmp_path / "broker")

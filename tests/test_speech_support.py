@@ -1,173 +1,18 @@
-"""Shared helpers for the speech tests: the models (each loaded once per test session,
-whichever test module needs it first), synthesised speech, and a headless ALSA setup
-that lets the real sounddevice/PortAudio path run against files.
-
-PortAudio reads the ALSA configuration once, when it initialises, so every test that
-opens a device runs a short Python script in a subprocess whose ``HOME`` holds an
-``.asoundrc`` with ``file`` PCMs: the microphone reads raw samples from a file, the
-speaker writes what it plays to another.
-"""
+"""Checks of the speech test helpers themselves (tests/support/speech.py and the speech
+fixtures in conftest.py): the headless ALSA devices, the command list, the synthesised
+speech."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import subprocess
-import sys
-import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jarvis.audio import ASR_RATE, FloatArray, read_audio, resample
-from jarvis.config import Settings, load_settings
-from jarvis.speech.asr import WhisperAsr
-from jarvis.speech.silero import SileroVad
-from jarvis.speech.tts import PiperTts
-
-DATA = Path(__file__).resolve().parent / "data"
-JFK = DATA / "jfk-16k-mono.wav"
-JFK_TEXT = (
-    "and so my fellow americans ask not what your country can do for you "
-    "ask what you can do for your country"
-)
-COMMANDS = [
-    line.strip() for line in (DATA / "commands.txt").read_text().splitlines()
-    if line.strip() and not line.startswith("#")
-]
-
-
-def default_settings() -> Settings:
-    """Built-in defaults only (no environment, no .env)."""
-    return load_settings({"JARVIS_CACHE_DIR": ""})
-
-
-@functools.cache
-def loaded_asr() -> WhisperAsr:
-    asr = WhisperAsr(default_settings().asr)
-    asr.load()
-    return asr
-
-
-@functools.cache
-def loaded_tts() -> PiperTts:
-    # No phrase cache (every call synthesises); no noise, so the same text always gives
-    # the same audio and the tests built on it cannot flake.
-    tts = PiperTts(default_settings().tts, deterministic=True)
-    tts.load()
-    return tts
-
-
-@functools.cache
-def loaded_vad() -> SileroVad:
-    return SileroVad()
-
-
-@functools.cache
-def jfk_audio() -> FloatArray:
-    return read_audio(JFK).samples
-
-
-@functools.cache
-def spoken(text: str) -> FloatArray:
-    """``text`` spoken by the piper voice, at 16 kHz (cached per text)."""
-    tts = loaded_tts()
-    return resample(tts.synthesize(text), tts.sample_rate, ASR_RATE)
-
-
-def silence(seconds: float) -> FloatArray:
-    return np.zeros(int(seconds * ASR_RATE), dtype=np.float32)
-
-
-# --------------------------------------------------------------------------- ALSA
-
-
-def write_asoundrc(home: Path, mic_raw: Path, *, mic_rate: int = ASR_RATE,
-                   speaker_rate: int = 22050) -> dict[str, Path]:
-    """An ``.asoundrc`` in ``home`` whose default device reads the microphone from
-    ``mic_raw`` (mono S16_LE at ``mic_rate``) and writes playback to raw files.
-
-    PortAudio lists them in this order: ``jmic`` (0), ``jspeaker`` (1, plays into
-    speaker.raw at ``speaker_rate``), ``jspeaker48`` (2, speaker48.raw at 48 kHz),
-    ``default`` (3: jmic + jspeaker).
-    """
-    home.mkdir(parents=True, exist_ok=True)
-    if not mic_raw.exists():
-        mic_raw.write_bytes(b"")  # ALSA cannot open capture on a missing infile
-    outputs = {"speaker": home / "speaker.raw", "speaker48": home / "speaker48.raw"}
-    (home / ".asoundrc").write_text(textwrap.dedent(f"""
-        pcm.!default {{
-            type asym
-            playback.pcm "jspeaker"
-            capture.pcm "jmic"
-        }}
-        pcm.jmic {{
-            type plug
-            slave {{
-                pcm {{ type file slave.pcm "null" file "/dev/null" infile "{mic_raw}"
-                       format "raw" }}
-                rate {mic_rate} format S16_LE channels 1
-            }}
-        }}
-        pcm.jspeaker {{
-            type plug
-            slave {{
-                pcm {{ type file slave.pcm "null" file "{outputs['speaker']}" format "raw" }}
-                rate {speaker_rate} format S16_LE channels 1
-            }}
-        }}
-        pcm.jspeaker48 {{
-            type plug
-            slave {{
-                pcm {{ type file slave.pcm "null" file "{outputs['speaker48']}" format "raw" }}
-                rate 48000 format S16_LE channels 1
-            }}
-        }}
-    """))
-    return outputs
-
-
-def run_with_home(home: Path, script: str, *args: str,
-                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a Python snippet in a fresh process whose HOME is ``home``."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
-    environ.update({"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}, **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        env=environ, cwd=home, capture_output=True, text=True, timeout=120, check=False,
-    )
-
-
-def raw_int16(path: Path) -> np.ndarray:
-    return np.fromfile(path, dtype=np.int16) if path.exists() else np.zeros(0, np.int16)
-
-
-def strip_zeros(samples: np.ndarray) -> np.ndarray:
-    """Samples without the silence PortAudio/ALSA put before and after playback."""
-    nonzero = np.flatnonzero(samples)
-    return samples[nonzero[0]:nonzero[-1] + 1] if len(nonzero) else samples[:0]
-
-
-CLI_SCRIPT = """
-import argparse, sys
-from jarvis.cli.speech import register
-from jarvis.config import load_settings
-from jarvis.errors import JarvisError
-parser = argparse.ArgumentParser(prog="jarvis")
-register(parser.add_subparsers(dest="command"))
-args = parser.parse_args(sys.argv[1:])
-try:
-    sys.exit(args.handler(args, load_settings()))
-except JarvisError as exc:
-    print(f"jarvis: error: {exc}", file=sys.stderr)
-    sys.exit(2)
-"""
-"""The speech subcommands run the way ``jarvis.cli.main`` runs them (one line per error, exit 2)."""
-
-
-# --------------------------------------------------------------------------- self-tests
+from jarvis.audio import ASR_RATE, FloatArray
+from tests.support.speech import COMMANDS, run_with_home, write_asoundrc
 
 
 def test_alsa_file_devices_are_what_portaudio_sees(tmp_path: Path) -> None:
@@ -189,8 +34,10 @@ def test_commands_file_has_twenty_plus_commands_without_digits() -> None:
 
 
 @pytest.mark.parametrize("text", ["Hello there."])
-def test_spoken_is_16k_speech(text: str) -> None:
+def test_spoken_is_16k_speech(spoken: Callable[[str], FloatArray], text: str) -> None:
     audio = spoken(text)
     assert audio.dtype == np.float32
     assert 0.3 < len(audio) / ASR_RATE < 3.0
     assert np.abs(audio).max() > 0.1
+    assert spoken(text) is audio  # synthesised once per session
+    assert not audio.flags.writeable  # shared between tests: nobody may change it

@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -15,11 +16,12 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jarvis.audio import ASR_RATE, resample, to_float32
+from jarvis.audio import ASR_RATE, Int16Array, resample, to_float32
 from jarvis.cli.speech import register
 from jarvis.errors import ModelError
 from jarvis.evaluation.wer import word_error_rate
 from jarvis.models import starter_voice_path
+from jarvis.speech.asr import WhisperAsr
 from jarvis.speech.tts import (
     PhraseCache,
     PiperTts,
@@ -28,11 +30,9 @@ from jarvis.speech.tts import (
     TtsError,
     split_sentences,
 )
-from tests.test_speech_support import (
+from tests.support.speech import (
     CLI_SCRIPT,
     default_settings,
-    loaded_asr,
-    loaded_tts,
     raw_int16,
     run_with_home,
     silence,
@@ -142,9 +142,7 @@ async def _gated(first: str, gate: asyncio.Event, rest: str) -> AsyncIterator[st
     yield rest
 
 
-def test_first_audio_streams_before_the_reply_is_complete() -> None:
-    tts = loaded_tts()
-
+def test_first_audio_streams_before_the_reply_is_complete(tts: PiperTts) -> None:
     async def scenario() -> tuple[TtsChunk, list[TtsChunk]]:
         gate = asyncio.Event()
         stream = tts.stream(_gated("The kitchen lights are on now. ", gate, "Anything else?"))
@@ -164,22 +162,22 @@ def test_first_audio_streams_before_the_reply_is_complete() -> None:
 
 
 @pytest.mark.slow
-def test_streamed_chunks_are_the_words_of_the_reply() -> None:
+def test_streamed_chunks_are_the_words_of_the_reply(tts: PiperTts, asr: WhisperAsr) -> None:
     reply = "Okay. The garage door is closed. I also locked the front door."
 
     async def speak() -> list[TtsChunk]:
-        return [c async for c in loaded_tts().stream(reply)]
+        return [c async for c in tts.stream(reply)]
 
     chunks = asyncio.run(speak())
     assert [c.text for c in chunks if c.text] == split_sentences(reply)
     audio = np.concatenate([to_float32(c.samples) for c in chunks])
-    heard = loaded_asr().transcribe(np.concatenate(
+    heard = asr.transcribe(np.concatenate(
         [silence(0.3), resample(audio, 22050, ASR_RATE), silence(0.4)])).text
     assert word_error_rate(reply, heard) <= 0.25, heard  # tiny.en hears "I'd also lock"
 
 
-def test_pieces_of_a_sentence_join_into_the_one_pass_waveform() -> None:
-    tts = loaded_tts()  # deterministic: no noise, so both runs see the same latent
+def test_pieces_of_a_sentence_join_into_the_one_pass_waveform(tts: PiperTts) -> None:
+    # tts is deterministic: no noise, so both runs see the same latent
     sentence = "I also locked the front door and closed the garage."
     pieces = list(tts.sentence_parts(sentence))
     assert tts.streaming and len(pieces) >= 2 and [p.part for p in pieces] == list(
@@ -191,46 +189,55 @@ def test_pieces_of_a_sentence_join_into_the_one_pass_waveform() -> None:
 
 
 class CountingTts(PiperTts):
-    """The real engine, counting how many sentences it has started to synthesise."""
+    """The real engine, counting how many sentences it has started to synthesise and how
+    many times it has run the voice model."""
 
     synthesised = 0
+    voice_runs = 0
 
     def sentence_parts(self, text: str) -> Generator[TtsChunk, None, None]:
         self.synthesised += 1
         return super().sentence_parts(text)
 
+    def _parts(self, text: str, windows: bool) -> Iterator[Int16Array]:
+        self.voice_runs += 1
+        return super()._parts(text, windows)
 
-def _sharing_voice(tts: PiperTts) -> PiperTts:
-    """``tts`` using the voice the session has already loaded."""
-    tts._voice, tts.sample_rate = loaded_tts()._voice, loaded_tts().sample_rate
-    tts.voice_path = loaded_tts().voice_path
+
+EngineT = TypeVar("EngineT", bound=PiperTts)
+
+
+def _sharing_voice(tts: EngineT, loaded: PiperTts) -> EngineT:
+    """``tts`` using the voice the session has already ``loaded``."""
+    tts._voice, tts.sample_rate = loaded._voice, loaded.sample_rate
+    tts.voice_path = loaded.voice_path
     return tts
 
 
-def test_very_long_text_is_synthesised_only_as_fast_as_it_is_consumed() -> None:
-    tts = _sharing_voice(CountingTts(default_settings().tts, max_queued_chunks=2))
+def test_very_long_text_is_synthesised_only_as_fast_as_it_is_consumed(tts: PiperTts) -> None:
+    counting = _sharing_voice(CountingTts(default_settings().tts, max_queued_chunks=2), tts)
     long_text = "This is sentence number one. " * 5000  # 145 kB of text
 
     async def consume_three() -> int:
-        stream = tts.stream(long_text)
+        stream = counting.stream(long_text)
         got = 0
         async for chunk in stream:
             assert chunk.sentence == "This is sentence number one."
             got += 1
             if got == 3:
                 break
-        await stream.aclose()  # the consumer stops (barge-in): the producer must stop too
-        await asyncio.sleep(0.3)
+        # The consumer stops (barge-in): aclose() returns once the producer task has
+        # ended, so no sentence can be started after it.
+        await stream.aclose()
         return got
 
     assert asyncio.run(consume_three()) == 3
     # 3 pieces consumed, at most 2 queued, 1 in the worker (two or three pieces per
     # sentence): a handful of sentences started, however long the text.
-    assert tts.synthesised <= 4
+    assert counting.synthesised <= 4
 
 
-def test_streaming_is_faster_to_first_audio_than_synthesising_everything() -> None:
-    tts = loaded_tts()
+def test_streaming_is_faster_to_first_audio_than_synthesising_everything(tts: PiperTts) -> None:
     reply = ("The front door is locked. I turned off the lights in the living room and the "
              "kitchen. The heating is set to twenty degrees until tomorrow morning.")
 
@@ -254,8 +261,7 @@ def test_streaming_is_faster_to_first_audio_than_synthesising_everything() -> No
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("", "the text is empty"), ("   \n", "the text is empty"), ("...", "has no words")])
-def test_nothing_to_say_is_a_clear_error(text: str, problem: str) -> None:
-    tts = loaded_tts()
+def test_nothing_to_say_is_a_clear_error(tts: PiperTts, text: str, problem: str) -> None:
     with pytest.raises(TtsError, match=problem):
         tts.synthesize(text)
 
@@ -267,13 +273,13 @@ def test_nothing_to_say_is_a_clear_error(text: str, problem: str) -> None:
         asyncio.run(stream())
 
 
-def test_a_token_stream_with_nothing_speakable_yields_nothing() -> None:
+def test_a_token_stream_with_nothing_speakable_yields_nothing(tts: PiperTts) -> None:
     async def tokens() -> AsyncIterator[str]:
         for piece in ("", " ", "..."):
             yield piece
 
     async def collect() -> list[TtsChunk]:
-        return [c async for c in loaded_tts().stream(tokens())]
+        return [c async for c in tts.stream(tokens())]
 
     assert asyncio.run(collect()) == []
 
@@ -317,30 +323,35 @@ def test_missing_voice_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- phrase cache
 
 
-def test_short_replies_come_from_the_phrase_cache_across_restarts(tmp_path: Path) -> None:
+def test_short_replies_come_from_the_phrase_cache_across_restarts(tmp_path: Path,
+                                                                  tts: PiperTts) -> None:
     settings = default_settings().tts
 
-    def engine(tts_settings: object = settings) -> PiperTts:
-        tts = _sharing_voice(PiperTts(tts_settings, tmp_path / "phrases"))  # type: ignore[arg-type]
-        tts.cache = PhraseCache(tmp_path / "phrases", settings.phrase_cache_bytes,
-                                f"test-{getattr(tts_settings, 'length_scale', 1.0)}")
-        return tts
+    def engine(tts_settings: object = settings) -> CountingTts:
+        counting = CountingTts(tts_settings, tmp_path / "phrases")  # type: ignore[arg-type]
+        _sharing_voice(counting, tts)
+        counting.cache = PhraseCache(tmp_path / "phrases", settings.phrase_cache_bytes,
+                                     f"test-{getattr(tts_settings, 'length_scale', 1.0)}")
+        return counting
 
-    tts = engine()
-    first = tts.speak_chunk("Done.")
-    second = tts.speak_chunk("Done.")
+    first_engine = engine()
+    first = first_engine.speak_chunk("Done.")
+    second = first_engine.speak_chunk("Done.")
     assert not first.cached and second.cached
     assert np.array_equal(first.samples, second.samples)
-    assert second.synth_s < first.synth_s
-    tts.close()
+    assert first_engine.voice_runs == 1  # the second came from the cache, not the voice
+    first_engine.close()
     again = engine()  # a new process would open the same directory
     assert again.speak_chunk("done.").cached  # case and spacing do not matter
+    assert again.voice_runs == 0
     long_sentence = "This sentence is too long to be worth keeping in the phrase cache, really."
     assert not again.speak_chunk(long_sentence).cached
     assert not again.speak_chunk(long_sentence).cached
+    assert again.voice_runs == 2
     again.close()
     slower = engine(dataclasses.replace(settings, length_scale=1.3))
     assert not slower.speak_chunk("Done.").cached  # another voice setting, another entry
+    assert slower.voice_runs == 1
     slower.close()
 
 
@@ -383,14 +394,15 @@ def test_say_writes_a_wav_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     data, rate = sf.read(out, dtype="int16")
     assert rate == 22050 and 1.5 < len(data) / rate < 5
     assert f"wrote {out}" in capsys.readouterr().out
-    assert (tmp_path / "phrases").is_dir()  # the phrase cache sits beside the context cache
+    # The phrase cache lives inside JARVIS_CACHE_DIR, not in its parent.
+    assert (tmp_path / "contexts" / "phrases").is_dir() and not (tmp_path / "phrases").exists()
     with pytest.raises(TtsError, match="empty"):
         args = _cli("say", "  ", "-o", str(out))
         args.handler(args, settings)
 
 
 @pytest.mark.slow
-def test_say_plays_through_the_sound_device(tmp_path: Path) -> None:
+def test_say_plays_through_the_sound_device(tmp_path: Path, asr: WhisperAsr) -> None:
     outputs = write_asoundrc(tmp_path, tmp_path / "mic.raw")
     sentence = "Turn on the kitchen lights."
     result = run_with_home(tmp_path, CLI_SCRIPT, "say", sentence)
@@ -398,7 +410,7 @@ def test_say_plays_through_the_sound_device(tmp_path: Path) -> None:
     assert "first audio after" in result.stderr
     played = raw_int16(outputs["speaker"])
     assert np.count_nonzero(played) > 22050  # over a second of sound reached the device
-    heard = loaded_asr().transcribe(np.concatenate(
+    heard = asr.transcribe(np.concatenate(
         [silence(0.3), resample(to_float32(played), 22050, ASR_RATE)])).text
     # piper's synthesis is stochastic and tiny.en mishears it now and then ("Pern on
     # the kitchen lights", about one run in ten): one wrong word in five is allowed.

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from jarvis.audio import ASR_RATE, file_source
+from jarvis.audio import ASR_RATE, FloatArray, file_source
 from jarvis.evaluation.wer import word_error_rate
-from jarvis.speech.silero import FRAME, Endpointer
+from jarvis.speech.asr import WhisperAsr
+from jarvis.speech.silero import FRAME, Endpointer, SileroVad
 from jarvis.speech.vad import (
     EndReason,
     FramesDropped,
@@ -24,16 +26,7 @@ from jarvis.speech.vad import (
     UtteranceEnded,
     VadEvent,
 )
-from tests.test_speech_support import (
-    JFK,
-    JFK_TEXT,
-    default_settings,
-    jfk_audio,
-    loaded_asr,
-    loaded_vad,
-    silence,
-    spoken,
-)
+from tests.support.speech import JFK, JFK_TEXT, default_settings, silence
 
 # --------------------------------------------------------------------------- state machine
 
@@ -227,6 +220,14 @@ def test_long_speech_is_cut_at_the_maximum_length() -> None:
         EndReason.END_OF_STREAM]
 
 
+def test_config_defaults_are_the_settings_defaults() -> None:
+    """A Segmenter made without settings endpoints like the configured assistant
+    (JARVIS_VAD_SILENCE_MS=300 and the rest); only likely ends are off by default."""
+    from_settings = SegmenterConfig.from_settings(default_settings().vad)
+    assert dataclasses.replace(from_settings, pause_ms=0) == SegmenterConfig()
+    assert SegmenterConfig().silence_ms == 300
+
+
 def test_settings_map_to_the_config() -> None:
     vad = dataclasses.replace(default_settings().vad, threshold=0.6, silence_ms=450,
                               min_speech_ms=150, preroll_ms=250, max_utterance_s=9.5)
@@ -239,9 +240,11 @@ def test_settings_map_to_the_config() -> None:
 # --------------------------------------------------------------------------- Silero
 
 
-def test_silero_scores_a_stream_the_same_however_it_is_chunked() -> None:
-    vad = loaded_vad()
-    audio = jfk_audio()[: 200 * FRAME]
+def test_silero_scores_a_stream_the_same_however_it_is_chunked(
+    silero: SileroVad, jfk_audio: FloatArray
+) -> None:
+    vad = silero
+    audio = jfk_audio[: 200 * FRAME]
     vad.reset()
     whole = vad.score(audio)
     vad.reset()
@@ -252,36 +255,43 @@ def test_silero_scores_a_stream_the_same_however_it_is_chunked() -> None:
     assert vad.score(silence(1.0)[: 31 * FRAME]).max() < 0.1
 
 
-def _segment(audio: np.ndarray, silence_ms: int | None = None) -> list[VadEvent]:
+def _segment(vad: SileroVad, audio: np.ndarray, silence_ms: int | None = None
+             ) -> list[VadEvent]:
     cfg = SegmenterConfig.from_settings(default_settings().vad)
     if silence_ms is not None:
         cfg = dataclasses.replace(cfg, silence_ms=silence_ms)
-    return Endpointer(cfg, loaded_vad()).segment_all(audio)
+    return Endpointer(cfg, vad).segment_all(audio)
 
 
 COMMAND = "Turn on the kitchen lights."
 
 
-def _jfk_pause_command() -> np.ndarray:
-    return np.concatenate([silence(0.5), jfk_audio(), silence(2.0), spoken(COMMAND),
+@pytest.fixture(scope="module")
+def jfk_pause_command(jfk_audio: FloatArray, spoken: Callable[[str], FloatArray]) -> FloatArray:
+    """Kennedy, a 2 s pause, then a command in the piper voice."""
+    return np.concatenate([silence(0.5), jfk_audio, silence(2.0), spoken(COMMAND),
                            silence(2.0)])
 
 
 @pytest.mark.slow
-def test_default_endpointing_splits_real_speech_at_its_pauses() -> None:
-    # Kennedy pauses for about a second between phrases: with the default 400 ms of
+def test_default_endpointing_splits_real_speech_at_its_pauses(
+    silero: SileroVad, asr: WhisperAsr, jfk_pause_command: FloatArray
+) -> None:
+    # Kennedy pauses for about a second between phrases: with the default 300 ms of
     # silence each phrase is an utterance, and together they are the whole speech.
-    utts = utterances(_segment(_jfk_pause_command()))
+    assert default_settings().vad.silence_ms == 300
+    utts = utterances(_segment(silero, jfk_pause_command))
     assert len(utts) == 5, [(u.start_sample / ASR_RATE, u.duration_s) for u in utts]
-    asr = loaded_asr()
     texts = [asr.transcribe(u.audio).text for u in utts]
     assert word_error_rate(JFK_TEXT, " ".join(texts[:4])) <= 0.1, texts
     assert word_error_rate(COMMAND, texts[4]) == 0.0, texts
 
 
 @pytest.mark.slow
-def test_a_longer_silence_limit_gives_one_utterance_per_speaker_turn() -> None:
-    events = _segment(_jfk_pause_command(), silence_ms=1500)
+def test_a_longer_silence_limit_gives_one_utterance_per_speaker_turn(
+    silero: SileroVad, asr: WhisperAsr, jfk_pause_command: FloatArray
+) -> None:
+    events = _segment(silero, jfk_pause_command, silence_ms=1500)
     utts = utterances(events)
     assert len(utts) == 2, [(u.start_sample / ASR_RATE, u.duration_s) for u in utts]
     assert all(u.reason is EndReason.SILENCE for u in utts)
@@ -292,16 +302,16 @@ def test_a_longer_silence_limit_gives_one_utterance_per_speaker_turn() -> None:
     preroll = default_settings().vad.preroll_ms * ASR_RATE // 1000
     assert len(starts) == 2
     assert all(preroll <= s.onset_sample - s.start_sample < preroll + FRAME for s in starts)
-    asr = loaded_asr()
     first, second = (asr.transcribe(u.audio).text for u in utts)
     assert word_error_rate(JFK_TEXT, first) <= 0.1, first
     assert word_error_rate(COMMAND, second) == 0.0, second
 
 
 @pytest.mark.slow
-def test_endpointer_streams_a_file_off_the_event_loop() -> None:
+def test_endpointer_streams_a_file_off_the_event_loop(silero: SileroVad,
+                                                      jfk_audio: FloatArray) -> None:
     async def collect() -> list[VadEvent]:
-        endpointer = Endpointer(default_settings().vad, loaded_vad())
+        endpointer = Endpointer(default_settings().vad, silero)
         return [e async for e in endpointer.segment(file_source(JFK, chunk_s=0.05))]
 
     events = asyncio.run(collect())
@@ -309,4 +319,4 @@ def test_endpointer_streams_a_file_off_the_event_loop() -> None:
     assert utts and sum(len(u.audio) for u in utts) > 9 * ASR_RATE
     rebuilt = np.concatenate([e.audio for e in events
                               if isinstance(e, UtteranceEnded | FramesDropped)])
-    assert np.array_equal(rebuilt, jfk_audio())
+    assert np.array_equal(rebuilt, jfk_audio)

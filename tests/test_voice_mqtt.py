@@ -18,14 +18,14 @@ from jarvis.voice.events import EventType, Outcome, TurnEvent
 from jarvis.voice.pipeline import spoken_turns
 from jarvis.voice.sinks import WavReplySink
 from tests.conftest import make_settings
-from tests.test_mqtt_support import Mosquitto, mosquitto, probe  # noqa: F401
+from tests.support.mqtt import Mosquitto, probe
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_spoken_device_command_and_pipeline_events_over_mqtt(
-    mosquitto: Mosquitto, tmp_path: Path  # noqa: F811
+    mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     settings = make_settings(tmp_path, **mosquitto.env(
         SITE="kitchen", DEVICES_FILE=str(ROOT / "config" / "devices.example.toml"),

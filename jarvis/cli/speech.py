@@ -45,11 +45,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     devices.set_defaults(handler=cmd_devices)
 
 
-def phrase_cache_dir(settings: Settings) -> Path | None:
-    """Where the TTS phrase cache lives: beside the context cache, or nowhere."""
-    return settings.cache.dir.parent / "phrases" if settings.cache.dir is not None else None
-
-
 # --------------------------------------------------------------------------- transcribe
 
 
@@ -91,13 +86,14 @@ async def _say(text: str, output: Path | None, settings: Settings) -> int:
     from jarvis.audio.devices import resolve_device
     from jarvis.audio.files import WavSink
     from jarvis.audio.stream import Speaker
+    from jarvis.speech.phrase_cache import phrase_cache_dir
     from jarvis.speech.tts import PiperTts, TtsError
 
     if not text.strip():
         raise TtsError("nothing to say: the text is empty")
     if output is None:  # fail before the voice loads if there is nothing to play on
         resolve_device(settings.audio.output_device, "output")
-    tts = PiperTts(settings.tts, phrase_cache_dir(settings))
+    tts = PiperTts(settings.tts, phrase_cache_dir(settings.cache.dir))
     await tts.start()
     started = time.perf_counter()
     first: list[float] = []

@@ -26,9 +26,12 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiomqtt
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from jarvis.config import MqttSettings
 from jarvis.home.schema import MqttAuthError, MqttConnectionError
@@ -179,8 +182,8 @@ class _Client(aiomqtt.Client):
     ``connect_timeout_s`` per attempt. Here the attempt fails at once with the reason.
     """
 
-    def _on_disconnect(self, client: object, userdata: object, flags: object,
-                       reason_code: object, properties: object = None) -> None:
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None = None) -> None:
         if not self._disconnected.done() and not self._connected.done():
             self._connected.set_exception(aiomqtt.MqttCodeError(
                 reason_code, "Connection lost before the broker answered"))

@@ -15,6 +15,11 @@ from jarvis.speech.errors import TtsError
 log = logging.getLogger(__name__)
 
 
+def phrase_cache_dir(cache_dir: Path | None) -> Path | None:
+    """Where the phrase cache lives: inside ``JARVIS_CACHE_DIR``, or nowhere."""
+    return cache_dir / "phrases" if cache_dir is not None else None
+
+
 class PhraseCache:
     """Audio of short sentences on disk, least recently used evicted past ``max_bytes``.
 

@@ -16,6 +16,7 @@ from jarvis.latency import LatencyTracker
 from jarvis.llm.base import LLMBackend
 from jarvis.llm.llama_cpp import LlamaCppBackend
 from jarvis.speech.asr import WhisperAsr
+from jarvis.speech.phrase_cache import phrase_cache_dir
 from jarvis.speech.silero import Endpointer
 from jarvis.speech.tts import PiperTts
 from jarvis.voice.conversations import Conversations
@@ -65,8 +66,7 @@ async def build_assistant(settings: Settings, *, listen: bool = True, speak: boo
     started = time.monotonic()
     backend = LlamaCppBackend(settings.llm, settings.cache, prefill_system=prefill_system)
     asr = WhisperAsr(settings.asr) if speak else None
-    phrase_dir = settings.cache.dir / "phrases" if settings.cache.dir else None
-    tts = PiperTts(settings.tts, phrase_dir) if speak else None
+    tts = PiperTts(settings.tts, phrase_cache_dir(settings.cache.dir)) if speak else None
     endpointer = Endpointer(settings.vad) if listen and speak else None
     devices_file = settings.mqtt.devices_file
     try:

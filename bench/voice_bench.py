@@ -34,21 +34,44 @@ import numpy as np
 
 from jarvis.audio.formats import ASR_RATE, to_float32
 from jarvis.audio.resample import resample
-from jarvis.config import load_settings
+from jarvis.config import Settings, load_settings
 from jarvis.evaluation.dialogues import DIALOGUES
 from jarvis.evaluation.wer import word_error_rate
 from jarvis.latency import percentile
 from jarvis.llm.dialogue import Conversation
+from jarvis.speech.asr import WhisperAsr
 from jarvis.speech.silero import Endpointer
+from jarvis.speech.tts import PiperTts
 from jarvis.speech.vad import SegmenterConfig
-from jarvis.voice.assembly import Assistant, build_assistant
-from jarvis.voice.events import EventType, PipelineEvent
+from jarvis.voice.assembly import Assistant, build_assistant, make_responder
+from jarvis.voice.events import EventType, Outcome, TurnEvent
 from jarvis.voice.pipeline import VoicePipeline, file_chunks, spoken_turns
 from jarvis.voice.sinks import WavReplySink
 
 
+def engines(a: Assistant) -> tuple[WhisperAsr, PiperTts, VoicePipeline]:
+    """The assistant's ASR, TTS and voice pipeline (built with speech)."""
+    assert a.asr is not None and a.tts is not None
+    return a.asr, a.tts, a.voice()
+
+
 def speech(a: Assistant, text: str) -> np.ndarray:
-    return resample(to_float32(a.tts.synthesize(text)), a.tts.sample_rate, ASR_RATE)
+    _, tts, _ = engines(a)
+    return resample(to_float32(tts.synthesize(text)), tts.sample_rate, ASR_RATE)
+
+
+def new_pipeline(a: Assistant, settings: Settings, endpointer: Endpointer | None = None,
+                 *, barge_in: bool | None = None) -> VoicePipeline:
+    """A pipeline with its own responder (a fresh conversation) over the assistant's
+    engines and device map, with ``endpointer`` instead of the assistant's if given."""
+    asr, tts, voice = engines(a)
+    responder, _ = make_responder(a.backend, settings, a.devices.devices, tts)
+    pipeline_settings = voice.settings
+    if barge_in is not None:
+        pipeline_settings = dataclasses.replace(pipeline_settings, barge_in=barge_in)
+    return VoicePipeline(responder, asr, pipeline_settings,
+                         endpointer=endpointer or voice.endpointer,
+                         silence_ms=int(voice.silence_s * 1000))
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -64,70 +87,67 @@ def wer(texts: list[str], heard: list[str]) -> float:
     return word_error_rate(" ".join(texts), " ".join(heard))
 
 
-async def ours(a: Assistant, texts: list[str], audios: list[np.ndarray], out: Path,
-               endpointer: Endpointer | None = None, label: str = "pipeline"
+async def ours(a: Assistant, settings: Settings, texts: list[str], audios: list[np.ndarray],
+               out: Path, endpointer: Endpointer | None = None, label: str = "pipeline"
                ) -> tuple[list[float], list[dict[str, float]], dict[str, Any]]:
     """The pipeline, with ``endpointer`` instead of the assistant's if given."""
-    endpointer = endpointer or a.pipeline.endpointer
-    pipeline = VoicePipeline(a.backend, a.asr, a.tts, a.pipeline.settings,
-                             a.pipeline.conversation.system_prompt,
-                             endpointer=endpointer,
-                             silence_ms=int(a.pipeline.silence_s * 1000))
+    pipeline = new_pipeline(a, settings, endpointer)
     results: list[dict[str, float]] = []
     heard: list[str] = []
 
-    def on_event(event: PipelineEvent) -> None:
+    def on_event(event: TurnEvent) -> None:
         if event.type is EventType.TRANSCRIPT:
             heard.append(event.text)
-        if event.type is EventType.REPLY_DONE:
-            results.append(dict(event.data))
+        if event.type is EventType.TURN_END and event.outcome is Outcome.ANSWERED:
+            latency = {k: float(v) for k, v in event.data.get("latency", {}).items()}
+            results.append(latency)
+            spec = " speculative" if event.data.get("speculative") else ""
             print(f"  [{label:<8} {len(results):>2}/{len(texts)}] voice-to-voice "
-                  f"{event.data.get('voice_to_voice_s', float('nan')):.3f} s  "
-                  f"(asr {event.data.get('asr_s', 0):.3f}, llm ttft "
-                  f"{event.data.get('llm_ttft_s', 0):.3f}, first audio after ttft "
-                  f"{event.data.get('tts_first_s', 0):.3f})", flush=True)
+                  f"{latency.get('voice_to_voice', float('nan')):.3f} s  "
+                  f"(asr {latency.get('asr', 0):.3f}, llm ttft "
+                  f"{latency.get('llm_ttft', 0):.3f}, first audio after ttft "
+                  f"{latency.get('tts_first', 0):.3f}){spec}", flush=True)
+        elif event.type is EventType.TURN_END and event.outcome is not None:
+            error = event.data.get("error") or ""
+            print(f"  [{label:<8}] turn {event.turn_id} {event.outcome.value} {error}".rstrip(),
+                  flush=True)
 
     pipeline.subscribe(on_event)
     await pipeline.run(spoken_turns(pipeline, audios), WavReplySink(out))
     info = {"wer": wer(texts, heard), "utterances": len(heard), **pipeline.speculations}
-    return [r["voice_to_voice_s"] for r in results if "voice_to_voice_s" in r], results, info
+    return [r["voice_to_voice"] for r in results if "voice_to_voice" in r], results, info
 
 
 async def plain(a: Assistant, texts: list[str], audios: list[np.ndarray],
                 silence_s: float) -> tuple[list[float], dict[str, Any]]:
     """Endpoint, padded transcription, whole reply, whole synthesis, then play."""
-    conversation = Conversation(a.pipeline.conversation.system_prompt)
+    asr, tts, _ = engines(a)
+    conversation = Conversation(a.responder.conversations.system_prompt)
     totals = []
     heard: list[str] = []
     for i, audio in enumerate(audios):
         t0 = time.monotonic()
-        transcript = await asyncio.to_thread(a.asr.transcribe_reference, audio)
+        transcript = await asyncio.to_thread(asr.transcribe_reference, audio)
         heard.append(transcript.text)
         reply, _ = await a.backend.complete(conversation.messages(transcript.text))
         conversation.add_turn(transcript.text, reply)
         if reply.strip():
-            await asyncio.to_thread(a.tts.synthesize, reply)
+            await asyncio.to_thread(tts.synthesize, reply)
         totals.append(silence_s + time.monotonic() - t0)
         print(f"  [plain    {i + 1:>2}/{len(audios)}] voice-to-voice {totals[-1]:.3f} s",
               flush=True)
     return totals, {"wer": wer(texts, heard), "utterances": len(heard)}
 
 
-async def barge_ins(a: Assistant, count: int, out: Path) -> list[float]:
-    from dataclasses import replace
-
+async def barge_ins(a: Assistant, settings: Settings, count: int, out: Path) -> list[float]:
     story = speech(a, "Tell me a long story about a brave little dragon.")
     interrupt = speech(a, "What time is it now?")
     stops: list[float] = []
     for _ in range(count):
-        pipeline = VoicePipeline(a.backend, a.asr, a.tts,
-                                 replace(a.pipeline.settings, barge_in=True),
-                                 a.pipeline.conversation.system_prompt,
-                                 endpointer=a.pipeline.endpointer,
-                                 silence_ms=int(a.pipeline.silence_s * 1000))
+        pipeline = new_pipeline(a, settings, barge_in=True)
         playing = asyncio.Event()
 
-        def on_event(e: PipelineEvent, p: asyncio.Event = playing) -> None:
+        def on_event(e: TurnEvent, p: asyncio.Event = playing) -> None:
             if e.type is EventType.FIRST_AUDIO:
                 p.set()
             elif e.type is EventType.BARGE_IN:
@@ -159,23 +179,24 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       for t in texts]
             print(f"{len(texts)} spoken requests; endpoint silence {settings.vad.silence_ms} ms; "
                   f"assistant ready in {a.ready_s:.1f} s", flush=True)
-            mine, details, info = await ours(a, texts, audios, Path(tmp) / "ours")
+            mine, details, info = await ours(a, settings, texts, audios, Path(tmp) / "ours")
             ways: dict[str, tuple[list[float], dict[str, Any]]] = {"pipeline": (mine, info)}
-            if args.compare_endpoint and a.pipeline.endpointer is not None:
+            endpointer = a.voice().endpointer
+            if args.compare_endpoint and endpointer is not None:
                 at_end = dataclasses.replace(SegmenterConfig.from_settings(settings.vad),
                                              pause_ms=0)
                 times, _, end_info = await ours(
-                    a, texts, audios, Path(tmp) / "endpoint",
-                    Endpointer(at_end, a.pipeline.endpointer.model), "endpoint")
+                    a, settings, texts, audios, Path(tmp) / "endpoint",
+                    Endpointer(at_end, endpointer.model), "endpoint")
                 ways["endpoint"] = (times, end_info)
             ways["plain"] = await plain(a, texts, audios, settings.vad.silence_ms / 1000)
-            stops = await barge_ins(a, args.barge_ins, Path(tmp) / "barge")
+            stops = await barge_ins(a, settings, args.barge_ins, Path(tmp) / "barge")
         finally:
             await a.close()
     rows = {name: {**stats(times), **extra} for name, (times, extra) in ways.items()}
     p, b = rows["pipeline"], rows["plain"]
     stages = {k: statistics.median(d[k] for d in details if k in d)
-              for k in ("endpoint_s", "asr_s", "llm_ttft_s", "tts_first_s")}
+              for k in ("endpoint", "asr", "llm_ttft", "tts_first")}
     report: dict[str, Any] = {**rows, "barge_in_stop_s": stops, "stages": stages}
     print()
     print(f"{'approach':<12} {'n':>3} {'median':>8} {'mean':>8} {'p95':>8} {'std':>8} "

@@ -231,7 +231,6 @@ def test_a_device_command_acts_only_once_the_request_is_complete(
                                          WavReplySink(tmp_path / "out")))
     assert pipeline.speculations["abandoned"] >= 1, pipeline.speculations
     assert acted == [("kitchen_light",)], (handler.asked, acted)
-    assert len(handler.asked) >= 2  # the half-heard request was asked too
     assert len(history(pipeline)) == 1 and "kitchen" in history(pipeline)[0][0].lower()
     done = ends(events)
     assert len(done) == 1 and done[0].data["actions"][0]["device"] == "kitchen_light"

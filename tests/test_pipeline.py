@@ -221,7 +221,9 @@ def test_a_device_command_acts_only_once_the_request_is_complete(
 ) -> None:
     # The matcher would act on the half-heard "Turn on the": a speculative turn may
     # ask it, but its action must wait for the endpoint and vanish when speech resumes.
-    audio = _request_with_a_pause(assistant)
+    audio = np.concatenate([silence(0.3), _trimmed(speech(assistant, "Turn on the")),
+                            silence(0.25), _trimmed(speech(assistant, "kitchen light, please.")),
+                            silence(0.5)])
     handler = _RecordingDevices(DeviceHandler(None, load_device_map(EXAMPLE_DEVICES)))
     pipeline, events = new_pipeline(assistant, devices=handler)  # type: ignore[arg-type]
     acted: list[tuple[str, ...]] = []
@@ -265,7 +267,8 @@ def test_wake_phrase_and_follow_up(
     requests = [u for u, _ in history(pipeline)]
     assert len(requests) == 2
     assert requests[0].lower().startswith("what is the capital of spain")
-    assert "italy" in requests[1].lower()  # follow-up window: no wake phrase needed
+    # The follow-up window: no wake phrase needed (tiny.en may hear "Italy" as "the valley").
+    assert requests[1].lower().startswith("and the capital"), requests
 
 
 class _FailingOnceTts:

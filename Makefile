@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/speech_bench.py
 	$(PY) bench/voice_bench.py --compare-endpoint
 	$(PY) bench/mqtt_bench.py
+	$(PY) bench/dialogue_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

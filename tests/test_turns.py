@@ -44,9 +44,18 @@ def test_guard_holds_the_opening_until_it_is_complete() -> None:
     assert guard.feed(" kitchen") == ""
     assert guard.feed(" light is") == ""  # "is" may still grow: three words are complete
     released = guard.feed(" on")  # four complete words: the opening is checked
-    assert released == "The "  # the last ngram - 1 = 3 words stay held for the loop check
-    assert guard.text() == "The "
+    assert released == "The kitchen light is"  # released at once: it feeds the first audio
+    assert guard.text() == "The kitchen light is"
     assert released + guard.finish() == "The kitchen light is on"
+
+
+def test_guard_holds_words_back_for_the_loop_check_after_the_first_audio() -> None:
+    guard = ReplyGuard(EARLIER, eager_chars=10)
+    released = guard.feed("The kitchen light is on ")  # past 10 characters from here on
+    assert released == "The kitchen light is on"
+    released = guard.feed("and the hall light is off ")
+    assert released == " and the hall "  # "light is off" (ngram - 1 words) stay held
+    assert guard.finish() == "light is off "
 
 
 def test_guard_raises_on_a_repeated_opening_before_releasing_anything() -> None:
@@ -81,12 +90,20 @@ def test_guard_catches_a_repeated_opening_after_a_bullet_whatever_the_pieces() -
 
 
 def test_guard_cuts_a_loop_before_the_repeat() -> None:
-    guard = ReplyGuard([])
+    guard = ReplyGuard([], eager_chars=0)
     released = feed_all(guard, word_pieces("I like cats and I like cats and I like cats."))
     assert released == "I like cats and "
     assert guard.looped
     assert guard.feed(" more words after the loop") == ""  # nothing more once cut
     assert guard.finish() == ""
+
+
+def test_guard_cuts_an_early_loop_where_it_is_found() -> None:
+    # Within the first characters (the first audio) words are not held back: the loop
+    # is cut as soon as it is seen, a few words into the repeat.
+    guard = ReplyGuard([])
+    released = feed_all(guard, word_pieces("I like cats and I like cats and I like cats."))
+    assert released == "I like cats and I like cats" and guard.looped
 
 
 def test_guard_cuts_a_loop_that_arrives_in_one_piece() -> None:

@@ -5,12 +5,14 @@ itself within a reply. :class:`ReplyGuard` watches a reply as it streams:
 * its opening (the first ``head_words`` words) is held back until it is complete and
   compared with the openings of the conversation's earlier replies: a match raises
   :class:`RepeatedOpening`, and the responder asks again without the history;
-* after the opening, the last ``ngram - 1`` words stay held, so when a run of
-  ``ngram`` words comes round a second time the reply is cut before the repeat, and
-  :attr:`ReplyGuard.looped` is set (such a reply is never stored in the history).
+* past the first ``eager_chars`` characters, the last ``ngram - 1`` words stay held,
+  so when a run of ``ngram`` words comes round a second time the reply is cut before
+  the repeat, and :attr:`ReplyGuard.looped` is set (such a reply is never stored in
+  the history). Within the first characters a loop is cut where it is found.
 
-Holding the opening costs nothing audible: the first TTS chunk needs about as many
-words anyway.
+Holding the opening costs nothing audible: the first TTS chunk (about 32 characters)
+needs about as many words anyway; holding more words there would delay the first
+audio by their generation time.
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ class ReplyGuard:
     """Feed the reply's pieces in; release only what passed the checks."""
 
     def __init__(self, earlier: Iterable[str], *, head_words: int = 4, ngram: int = 4,
-                 raise_on_repeat: bool = True) -> None:
+                 raise_on_repeat: bool = True, eager_chars: int = 48) -> None:
         if ngram < 2:
             raise ValueError("ngram must be at least 2")
         self.head_words = head_words
         self.ngram = ngram
         self.raise_on_repeat = raise_on_repeat
+        self.eager_chars = eager_chars
+        """Until this much is released, complete words go out at once (they feed the
+        first audio); only later are the last ``ngram - 1`` words held back."""
         self._openings = {o for e in earlier if (o := opening(e, head_words)) is not None}
         self._text = ""
         self._released = 0
@@ -106,6 +111,8 @@ class ReplyGuard:
         else:
             keep = len(spans) - (self.ngram - 1)  # hold the last ngram - 1 words
             end = spans[keep][0] if keep > 0 else self._released
+            if self._released < self.eager_chars and spans:
+                end = spans[-1][1]  # the first audio waits for nothing but the opening
         end = max(end, self._released)
         released, self._released = self._text[self._released:end], end
         return released

@@ -19,6 +19,13 @@ Int16Array: TypeAlias = npt.NDArray[np.int16]
 ASR_RATE = 16000
 """Sample rate of everything fed to VAD and ASR."""
 
+MIN_FILE_RATE = 8000
+"""Lowest sample rate a sound file may have (telephone audio)."""
+MAX_FILE_RATE = 192000
+"""Highest sample rate a sound file may have (studio recordings)."""
+MAX_CHANNELS = 256
+"""Most channels a sound file may have (libsndfile itself stops at 1024)."""
+
 _INT16_SCALE = 32768.0
 
 
@@ -32,6 +39,24 @@ class Audio:
     @property
     def duration_s(self) -> float:
         return len(self.samples) / self.rate if self.rate else 0.0
+
+
+def format_problem(rate: int, channels: int) -> str | None:
+    """Why a sound file with this sample rate and channel count cannot be real audio
+    (None when it can).
+
+    A header is whatever its writer put there: 1 Hz or 2**31-1 Hz would make the
+    resampler allocate without bound (every input sample becomes 16,000 output samples,
+    or its filter table grows to hundreds of GiB), and 0 channels has no samples at all.
+    """
+    if channels < 1:
+        return f"the header says it has {channels} channels"
+    if channels > MAX_CHANNELS:
+        return f"the header says it has {channels} channels; at most {MAX_CHANNELS} are read"
+    if not MIN_FILE_RATE <= rate <= MAX_FILE_RATE:
+        return (f"the header says its sample rate is {rate} Hz; sound files are read at "
+                f"{MIN_FILE_RATE // 1000} to {MAX_FILE_RATE // 1000} kHz")
+    return None
 
 
 def to_float32(samples: npt.ArrayLike) -> FloatArray:

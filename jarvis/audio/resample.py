@@ -21,6 +21,11 @@ _ZERO_CROSSINGS = 16
 _ROLLOFF = 0.95
 _KAISER_BETA = 8.6
 _BLOCK = 4096
+_TABLE_GROUP_ELEMENTS = 1 << 18
+"""Filter taps computed at once while building the table (float64 temporaries)."""
+_MAX_TAPS = 1 << 25
+"""Largest filter table (128 MiB of float32): any pair of rates from 8 to 192 kHz needs
+far less (at most about 7 million taps)."""
 
 
 class Resampler:
@@ -40,14 +45,26 @@ class Resampler:
         cutoff = 0.5 * min(1.0, self.up / self.down) * _ROLLOFF  # cycles per input sample
         half_width = _ZERO_CROSSINGS / (2.0 * cutoff)  # in input samples
         self.width = math.ceil(half_width)
+        if self.up * 2 * self.width > _MAX_TAPS:  # e.g. a file header claiming 2**31-1 Hz
+            raise ValueError(
+                f"cannot resample {src_rate} -> {dst_rate} Hz: its filter would need "
+                f"{self.up * 2 * self.width} taps (at most {_MAX_TAPS})"
+            )
         # Phase p (output position frac = p / up) uses inputs base-width+1 .. base+width.
         ks = np.arange(-self.width + 1, self.width + 1, dtype=np.float64)
-        frac = np.arange(self.up, dtype=np.float64)[:, None] / self.up
-        tau = frac - ks[None, :]  # distance from each input sample to the output position
-        window = np.i0(_KAISER_BETA * np.sqrt(np.clip(1.0 - (tau / half_width) ** 2, 0.0, None)))
-        window /= np.i0(_KAISER_BETA)
-        window[np.abs(tau) >= half_width] = 0.0
-        self._taps = (2.0 * cutoff * np.sinc(2.0 * cutoff * tau) * window).astype(np.float32)
+        self._taps = np.empty((self.up, len(ks)), dtype=np.float32)
+        # Built a group of phases at a time: an odd rate pair (up to 16,000 phases of
+        # hundreds of taps) then needs its float32 table and little more.
+        group = max(1, _TABLE_GROUP_ELEMENTS // len(ks))
+        for first in range(0, self.up, group):
+            phases = np.arange(first, min(first + group, self.up), dtype=np.float64)
+            tau = phases[:, None] / self.up - ks[None, :]  # input sample -> output position
+            window = np.i0(_KAISER_BETA * np.sqrt(np.clip(1.0 - (tau / half_width) ** 2, 0.0,
+                                                          None)))
+            window /= np.i0(_KAISER_BETA)
+            window[np.abs(tau) >= half_width] = 0.0
+            self._taps[first:first + len(phases)] = 2.0 * cutoff * np.sinc(2.0 * cutoff * tau) \
+                * window
         self._offsets = np.arange(-self.width + 1, self.width + 1, dtype=np.int64)
         self.reset()
 

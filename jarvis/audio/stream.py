@@ -190,6 +190,15 @@ class Speaker:
             ) from None
         return stream
 
+    async def check(self, rate: int) -> DeviceInfo:
+        """Open the output for ``rate`` Hz audio and close it again; AudioDeviceError if
+        it cannot be opened. Lets a command fail before it does any work rather than
+        when its first sound is ready."""
+        stream = await asyncio.to_thread(self._open, rate)
+        await asyncio.to_thread(_close_stream, stream, True)
+        assert self.device is not None
+        return self.device
+
     async def play(
         self,
         chunks: AsyncIterable[npt.ArrayLike] | Iterable[npt.ArrayLike],

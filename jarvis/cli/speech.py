@@ -52,7 +52,10 @@ def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
     from jarvis.audio.files import read_audio
     from jarvis.speech.asr import WhisperAsr
 
-    audio = read_audio(args.file)  # fails fast, before the model loads
+    # Fails fast, before the model loads; a file longer than JARVIS_MAX_INPUT_S is refused
+    # unread (whisper's memory grows with the length of what it is given).
+    audio = read_audio(args.file, max_seconds=settings.audio.max_input_s,
+                       limit_name="JARVIS_MAX_INPUT_S")
     asr = WhisperAsr(settings.asr)
     asr.load()
     result = asr.transcribe(audio.samples)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jarvis.audio.errors import AudioDeviceError
 from jarvis.audio.files import write_wav
 from jarvis.audio.stream import Speaker
 from jarvis.speech.tts import TtsChunk
@@ -20,6 +21,14 @@ class SpeakerSink:
 
     def __init__(self, device: str = "") -> None:
         self.speaker = Speaker(device)
+
+    async def check(self, rate: int = 22050) -> None:
+        """Open the output device once and close it: AudioDeviceError("no output device
+        could be opened: ...") now if nothing can play, not a reply nobody hears."""
+        try:
+            await self.speaker.check(rate)
+        except AudioDeviceError as exc:
+            raise AudioDeviceError(f"no output device could be opened: {exc}") from None
 
     async def play(self, chunks: AsyncIterable[TtsChunk], rate: int) -> None:
         async def samples() -> AsyncIterator[np.ndarray]:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import os
 import platform
 import re
+import stat
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from jarvis.errors import ConfigError, JarvisError
 from jarvis.models import check_gguf, default_llm_path
@@ -74,8 +77,14 @@ def physical_cores() -> int:
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/jarvis/contexts``, else ``~/.cache/jarvis/contexts``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    """``$XDG_CACHE_HOME/jarvis/contexts``, else ``~/.cache/jarvis/contexts``.
+
+    A relative ``XDG_CACHE_HOME`` is ignored, as the XDG specification says: it would
+    put the cache in whatever directory Jarvis happens to start in.
+    """
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = str(Path.home() / ".cache")
     return Path(base) / "jarvis" / "contexts"
 
 
@@ -152,25 +161,210 @@ _SIZE_UNITS = {
 }
 
 
+MAX_SIZE = 1 << 60
+"""The largest byte size a setting accepts (1 EiB): far above any machine, far below
+where arithmetic on it could overflow."""
+
+
 def parse_size(raw: str) -> int:
-    """Parse a byte size such as ``1073741824``, ``512MB`` or ``2GiB``."""
+    """Parse a byte size such as ``1073741824``, ``512MB`` or ``2GiB`` (exactly, with no
+    float rounding, so a 400-digit number is a clear "too large", not an overflow)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", raw)
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _SIZE_UNITS:
         raise ValueError("expected a size in bytes, e.g. 1073741824, 512MB or 2GiB")
-    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    number = match.group(1)
+    if len(number.partition(".")[0].lstrip("0")) > 24:  # over 10**24 bytes in any unit
+        raise ValueError("expected a size of at most 1 EiB")
+    try:
+        value = int(Decimal(number) * _SIZE_UNITS[unit])
+    except InvalidOperation:  # the regex admits only digits, so this is not expected
+        raise ValueError("expected a size in bytes, e.g. 1073741824, 512MB or 2GiB") from None
     if value < 1:
         raise ValueError("expected a size of at least 1 byte")
+    if value > MAX_SIZE:
+        raise ValueError("expected a size of at most 1 EiB")
     return value
+
+
+MAX_PATH_BYTES = 4095
+"""Longest path accepted (Linux's PATH_MAX less its NUL; macOS allows less)."""
+MAX_NAME_BYTES = 255
+"""Longest single file or directory name (NAME_MAX on Linux and macOS)."""
+MAX_FILE_BYTES = 1 << 20
+"""Largest ``.env`` or system-prompt file read (a bigger one is not what it claims)."""
+
+
+def _check_path_length(path: Path) -> None:
+    """ValueError unless the OS could open ``path`` as far as its length goes (else
+    every later ``stat`` fails with "File name too long")."""
+    size = len(os.fsencode(path))
+    if size > MAX_PATH_BYTES:
+        raise ValueError(f"the path is {size} bytes long; at most {MAX_PATH_BYTES} are allowed")
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > MAX_NAME_BYTES:
+        raise ValueError(
+            f"a name in the path is {longest} bytes long; at most {MAX_NAME_BYTES} are allowed "
+            "per file or directory name"
+        )
 
 
 def _path(raw: str) -> Path | None:
     value = raw.strip()
-    return Path(value).expanduser() if value else None
+    if not value:
+        return None
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # "~" with no HOME and no password-database entry
+        raise ValueError("cannot expand '~': the home directory is unknown") from None
+    _check_path_length(path)
+    return path
+
+
+def _absolute_dir(raw: str) -> Path | None:
+    """A directory Jarvis may create: absolute (or under ``~``), never relative to
+    whatever directory a service happens to start in."""
+    path = _path(raw)
+    if path is not None and not path.is_absolute():
+        raise ValueError(
+            "expected an absolute directory (or one under ~/): a relative one would be "
+            "created in whatever directory Jarvis starts in; empty = no persistence"
+        )
+    return path
+
+
+def _model_name(raw: str) -> str:
+    """A model directory or a model name: either way no longer than a path may be."""
+    value = raw.strip()
+    if value:
+        _path(value)
+    return value
 
 
 def _text(raw: str) -> str:
     return raw
+
+
+def _url(raw: str) -> str:
+    """An http(s) URL (no trailing ``/``), or empty."""
+    value = raw.strip().rstrip("/")
+    if not value:
+        return ""
+    expected = "expected an http:// or https:// URL such as http://192.168.1.20:8080"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(expected + " (empty = the in-process model)")
+    return value
+
+
+WYOMING_URI_SCHEMES = ("tcp", "unix")
+
+
+def parse_wyoming_uri(raw: str) -> str:
+    """A Wyoming server address: ``tcp://HOST:PORT`` or ``unix:///absolute/path``, or
+    empty (off). ValueError (whose text says what is allowed) otherwise."""
+    value = raw.strip()
+    if not value:
+        return ""
+    expected = ("expected tcp://HOST:PORT (e.g. tcp://0.0.0.0:10700) or "
+                "unix:///absolute/path.sock; empty = off")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme == "tcp":
+        host = parts.hostname or ""
+        if not host or port is None or not 1 <= port <= 65535 or parts.path not in ("", "/") \
+                or any(ch.isspace() or not ch.isprintable() for ch in host):
+            raise ValueError(expected)
+        return f"tcp://{'[' + host + ']' if ':' in host else host}:{port}"
+    if parts.scheme == "unix":
+        path = value[len("unix://"):]
+        if not path.startswith("/"):
+            raise ValueError(expected + " (a unix socket path must be absolute)")
+        _check_path_length(Path(path))
+        return f"unix://{path}"
+    raise ValueError(expected)
+
+
+def _show_llm_url(value: object) -> str:
+    return str(value) or "(empty: the in-process llama.cpp engine answers)"
+
+
+SHOWN_CHARS = 80
+"""At most this many characters of a value appear in an error line."""
+
+
+def shown(value: object) -> str:
+    """``value`` quoted for a one-line message: control characters and undecodable
+    bytes escaped (``repr``), and a long value cut to its first and last characters
+    with its length, so that a 10 KB value does not make a 10 KB error line."""
+    text = str(value)
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    half = SHOWN_CHARS // 2
+    return f"{text[:half]!r}...{text[-half:]!r} ({len(text)} characters)"
+
+
+def shown_path(path: Path) -> str:
+    """A path as an error line shows it: as it is when printable and no longer than
+    :data:`SHOWN_CHARS`, else :func:`shown` (quoted, its first and last 40 characters:
+    the tail names the file)."""
+    text = str(path)
+    return text if len(text) <= SHOWN_CHARS and text.isprintable() else shown(text)
+
+
+def _check_raw(raw: str) -> None:
+    """ValueError for what no setting can hold: NUL characters (possible in a ``.env``
+    file) and bytes that are not UTF-8 (``os.environ`` turns them into lone surrogates,
+    which cannot be printed, logged or sent anywhere)."""
+    if "\x00" in raw:
+        raise ValueError("contains a NUL character")
+    for index, char in enumerate(raw):
+        if 0xD800 <= ord(char) <= 0xDFFF:
+            byte = f" (byte 0x{ord(char) - 0xDC00:02x})" if ord(char) >= 0xDC80 else ""
+            raise ValueError(
+                f"not valid UTF-8 text{byte} at character {index}; settings are UTF-8"
+            )
+
+
+def _file_problem(path: Path) -> str | None:
+    """None when ``path`` is a regular file, else what is wrong with it (missing, a
+    directory, a FIFO or device that would block or never end, not accessible)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except NotADirectoryError:
+        return "no such file (a part of the path is a file, not a directory)"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device); expected a file"
+    return None
+
+
+def _read_small_text(path: Path, what: str) -> str:
+    """The UTF-8 text of a regular file of at most :data:`MAX_FILE_BYTES`; OSError or
+    ValueError (whose text says why) otherwise."""
+    problem = _file_problem(path)
+    if problem is not None:
+        raise ValueError(problem)
+    with path.open("rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"is larger than {MAX_FILE_BYTES >> 20} MiB, too large for {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 # --------------------------------------------------------------------------- table
@@ -188,6 +382,8 @@ class Variable:
     """Raw default, parsed like user input; a callable is evaluated at load time."""
     help: str
     secret: bool = False
+    show: Callable[[Any], str] | None = None
+    """How ``jarvis config`` shows the value, when plain ``str`` would not say enough."""
 
     def default_text(self) -> str:
         return self.default() if callable(self.default) else self.default
@@ -235,15 +431,42 @@ VARIABLES: tuple[Variable, ...] = (
              "read the system prompt from this file instead (for long prompts)"),
     Variable("JARVIS_WARMUP", "llm", "warmup", _bool, "true",
              "run a tiny generation at start so the first request does not pay for it"),
+    Variable("JARVIS_LLM_URL", "llm", "url", _url, "",
+             "an OpenAI-compatible LLM server answers instead of the in-process model: "
+             "llama.cpp's llama-server (e.g. http://192.168.1.20:8080), vLLM "
+             "(http://host:8000) or Ollama (http://host:11434); empty = in-process",
+             show=_show_llm_url),
+    Variable("JARVIS_LLM_MODEL", "llm", "remote_model", _text, "",
+             "model name on that server; empty = the one it serves (one serving several, "
+             "like Ollama, needs a name)"),
+    Variable("JARVIS_LLM_API_KEY", "llm", "api_key", _text, "",
+             "sent as a bearer token (llama-server --api-key, vLLM --api-key)", secret=True),
+    Variable("JARVIS_LLM_CONNECT_TIMEOUT_S", "llm", "connect_timeout_s", _float(0.1, 600.0),
+             "3", "longest wait for a connection to the LLM server"),
+    Variable("JARVIS_LLM_READ_TIMEOUT_S", "llm", "read_timeout_s", _float(0.1, 3600.0), "60",
+             "longest wait for the LLM server's next bytes (the first token after a long "
+             "uncached prompt included); past it the turn fails"),
+    Variable("JARVIS_LLM_FALLBACK", "llm", "fallback", _choice("none", "local"), "none",
+             "local = the in-process model answers while the LLM server is unreachable "
+             "(it is loaded at start too)"),
+    Variable("JARVIS_LLM_KEEP_ALIVE", "llm", "keep_alive", _text, "-1",
+             "Ollama only: how long it keeps the model loaded after a request (e.g. 30m); "
+             "-1 = until it stops, so no request waits for the model to load"),
     # --- context cache
     Variable("JARVIS_ENABLE_CONTEXT_CACHE", "cache", "enabled", _bool, "true",
              "reuse evaluated prompt prefixes (system prompt, history) across requests"),
     Variable("JARVIS_MAX_CACHE_SIZE", "cache", "max_entries", _int(1, 1_000_000), "100",
              "most saved contexts held in memory"),
-    Variable("JARVIS_MAX_CACHE_BYTES", "cache", "max_bytes", parse_size, "1GiB",
-             "most memory the saved contexts may hold"),
-    Variable("JARVIS_CACHE_DIR", "cache", "dir", _path, lambda: str(default_cache_dir()),
-             "where the system-prompt state persists across restarts; empty = no persistence"),
+    Variable("JARVIS_MAX_CACHE_BYTES", "cache", "max_bytes", parse_size, "256MiB",
+             "most RAM the saved contexts may hold, counted as the process holds it (KV "
+             "states in whole pages, bookkeeping); resident memory stays within the loaded "
+             "models plus this. The starter model's states take ~23 KB a token, so 256MiB "
+             "keeps the system prompt and about ten conversations. Raspberry Pi 4 (2-4 GB): "
+             "128MiB-256MiB; Pi 5 (4-8 GB): 256MiB-1GiB; a 2-core box with 4+ GB: 512MiB "
+             "or more; a bigger model takes more per token"),
+    Variable("JARVIS_CACHE_DIR", "cache", "dir", _absolute_dir, lambda: str(default_cache_dir()),
+             "where the system-prompt state persists across restarts (an absolute path or "
+             "~/...; a relative one is refused); empty = no persistence"),
     Variable("JARVIS_DISK_CACHE_BYTES", "cache", "disk_max_bytes", parse_size, "1GiB",
              "most disk space the persisted contexts may use"),
     Variable("JARVIS_CACHE_SLIDE", "cache", "slide", _bool, "true",
@@ -257,6 +480,12 @@ VARIABLES: tuple[Variable, ...] = (
              "microphone: sounddevice name (substring) or index; empty = system default"),
     Variable("JARVIS_OUTPUT_DEVICE", "audio", "output_device", _text, "",
              "speaker: sounddevice name (substring) or index; empty = system default"),
+    Variable("JARVIS_MAX_INPUT_S", "audio", "max_input_s", _float(1.0, 86400.0), "30",
+             "longest sound file `jarvis transcribe` and `jarvis converse` accept, in seconds; "
+             "a longer one is refused before it is read. Whisper takes a file whole and its "
+             "memory grows with the length: measured peak RSS of `jarvis transcribe` 252 MB "
+             "for 10 s, 271 MB for 30 s, ~410 MB for 60-120 s (and ~30x slower, long-form), "
+             "917 MB for 10 minutes. `jarvis run --input` streams and has no limit"),
     # --- voice activity detection
     Variable("JARVIS_VAD_THRESHOLD", "vad", "threshold", _float(0.01, 0.99), "0.5",
              "Silero speech probability that counts as speech; lower catches quiet voices"),
@@ -272,7 +501,7 @@ VARIABLES: tuple[Variable, ...] = (
              "after this much silence, start transcribing and answering before the "
              "endpoint (JARVIS_VAD_SILENCE_MS); discarded if speech resumes; 0 = off"),
     # --- speech recognition
-    Variable("JARVIS_ASR_MODEL", "asr", "model", _text, "",
+    Variable("JARVIS_ASR_MODEL", "asr", "model", _model_name, "",
              "faster-whisper model directory or name; empty = the bundled tiny.en"),
     Variable("JARVIS_ASR_LANGUAGE", "asr", "language", _text, "en",
              "fixed language code (faster); empty = detect per utterance"),
@@ -336,6 +565,29 @@ VARIABLES: tuple[Variable, ...] = (
              _float(1.0, 86400.0), "60", "how often the latency summary is published"),
     Variable("JARVIS_DEVICES_FILE", "mqtt", "devices_file", _path, "",
              "home-automation device map (TOML); empty = no device actions"),
+    Variable("JARVIS_MQTT_MAX_AGE_S", "mqtt", "max_age_s", _float(0.0, 31_536_000.0), "300",
+             "a command whose sent_at is older than this is answered 'expired' and not "
+             "acted on (commands without sent_at are always served); 0 = no limit"),
+    Variable("JARVIS_SHUTDOWN_GRACE_S", "mqtt", "shutdown_grace_s", _float(0.0, 3600.0), "10",
+             "on SIGTERM/SIGINT, how long the MQTT reply being generated may take to "
+             "finish; asks still waiting are left to the broker for the next start"),
+    # --- Wyoming (Home Assistant's voice services)
+    Variable("JARVIS_WYOMING_URI", "wyoming", "uri", parse_wyoming_uri, "",
+             "serve speech to text, text to speech and the conversation agent to Home "
+             "Assistant over the Wyoming protocol inside `jarvis run` and `jarvis hub`: "
+             "tcp://0.0.0.0:10700 or unix:///path.sock; empty = off (`jarvis wyoming` "
+             "serves on tcp://0.0.0.0:10700 unless --uri or this says otherwise)"),
+    Variable("JARVIS_WYOMING_ZEROCONF", "wyoming", "zeroconf", _bool, "true",
+             "advertise the Wyoming server on the local network (zeroconf/mDNS, tcp only) "
+             "so Home Assistant discovers it by itself"),
+    Variable("JARVIS_WYOMING_IDLE_TIMEOUT_S", "wyoming", "idle_timeout_s",
+             _float(0.1, 86400.0), "30",
+             "a Wyoming connection that sends nothing for this long is closed (work in "
+             "progress does not count)"),
+    Variable("JARVIS_WYOMING_MAX_CONNECTIONS", "wyoming", "max_connections",
+             _int(1, 10000), "100",
+             "Wyoming connections served at once; one more is answered with an error "
+             "and closed"),
     # --- latency tracker
     Variable("JARVIS_SPIKE_THRESHOLD_S", "latency", "spike_threshold_s", _float(0.001, 3600.0),
              "5.0", "a request slower than this counts as a spike"),
@@ -374,6 +626,15 @@ class LlmSettings:
     system_prompt: str
     system_prompt_file: Path | None
     warmup: bool
+    url: str = ""
+    """An OpenAI-compatible server (JARVIS_LLM_URL); empty = the in-process engine."""
+    remote_model: str = ""
+    api_key: str = ""
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 60.0
+    fallback: str = "none"
+    """``local``: the in-process model answers while the server is unreachable."""
+    keep_alive: str = "-1"
 
 
 @dataclass(frozen=True)
@@ -396,6 +657,8 @@ class AudioSettings:
 
     input_device: str
     output_device: str
+    max_input_s: float = 30.0
+    """Longest sound file read whole (``transcribe``, ``converse``), in seconds."""
 
 
 @dataclass(frozen=True)
@@ -462,10 +725,28 @@ class MqttSettings:
     discovery_prefix: str
     metrics_interval_s: float
     devices_file: Path | None
+    max_age_s: float = 300.0
+    shutdown_grace_s: float = 10.0
 
     @property
     def enabled(self) -> bool:
         return bool(self.host)
+
+
+@dataclass(frozen=True)
+class WyomingSettings:
+    """The Wyoming server; ``enabled`` when a URI is set."""
+
+    uri: str
+    """``tcp://HOST:PORT`` or ``unix:///path``; empty = off."""
+    zeroconf: bool
+    """Advertise a tcp server over mDNS for Home Assistant's discovery."""
+    idle_timeout_s: float = 30.0
+    max_connections: int = 100
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.uri)
 
 
 @dataclass(frozen=True)
@@ -492,6 +773,7 @@ class Settings:
     tts: TtsSettings
     pipeline: PipelineSettings
     mqtt: MqttSettings
+    wyoming: WyomingSettings
     latency: LatencySettings
     general: GeneralSettings
     sources: Mapping[str, str]
@@ -502,7 +784,7 @@ class Settings:
         rows = []
         for var in VARIABLES:
             value = getattr(getattr(self, var.section), var.field)
-            text = "" if value is None else str(value)
+            text = var.show(value) if var.show else "" if value is None else str(value)
             if var.secret and text and mask_secrets:
                 text = "********"
             rows.append((var.name, text, self.sources.get(var.name, "default")))
@@ -518,6 +800,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "tts": TtsSettings,
     "pipeline": PipelineSettings,
     "mqtt": MqttSettings,
+    "wyoming": WyomingSettings,
     "latency": LatencySettings,
     "general": GeneralSettings,
 }
@@ -525,12 +808,14 @@ _SECTIONS: dict[str, type[Any]] = {
 
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse a ``.env`` file: ``KEY=VALUE`` lines, ``#`` comments, optional quotes and
-    ``export``. A malformed line is a ConfigError naming the file and line."""
+    ``export``. A malformed line is a ConfigError naming the file and line; so is a file
+    that is missing, not a regular file (a FIFO would block), over 1 MiB or not UTF-8."""
     values: dict[str, str] = {}
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read env file {path}: {exc}") from exc
+        text = _read_small_text(path, "an env file")
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"cannot read env file {shown_path(path)}: {reason}") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
@@ -539,7 +824,9 @@ def read_env_file(path: Path) -> dict[str, str]:
         key, sep, value = stripped.partition("=")
         key = key.strip()
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE, got {line.strip()!r}")
+            raise ConfigError(
+                f"{shown_path(path)}:{lineno}: expected KEY=VALUE, got {shown(line.strip())}"
+            )
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
@@ -549,25 +836,48 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+def _env_file_from(env: Mapping[str, str]) -> Path | None:
+    """The file ``JARVIS_ENV_FILE`` names, checked, else ``./.env`` if there is one."""
+    raw = env.get("JARVIS_ENV_FILE", "")
+    if not raw:
+        return Path(".env") if Path(".env").is_file() else None
+    try:
+        _check_raw(raw)
+        path = _path(raw)
+    except ValueError as exc:
+        raise ConfigError(f"JARVIS_ENV_FILE={shown(raw)} is invalid: {exc}") from None
+    if path is None:
+        return None
+    problem = _file_problem(path)
+    if problem is not None:
+        raise ConfigError(f"JARVIS_ENV_FILE={shown_path(path)}: {problem}")
+    return path
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, env_file: Path | None = None
 ) -> Settings:
-    """Build the validated :class:`Settings` (see the module docstring for sources)."""
+    """Build the validated :class:`Settings` (see the module docstring for sources).
+
+    Every problem is a :class:`ConfigError` whose one line names the variable and
+    quotes at most :data:`SHOWN_CHARS` characters of its value.
+    """
     env = dict(os.environ if environ is None else environ)
     file_values: dict[str, str] = {}
     file_label = ""
-    if env_file is None and env.get("JARVIS_ENV_FILE"):
-        env_file = Path(env["JARVIS_ENV_FILE"]).expanduser()
-        if not env_file.is_file():
-            raise ConfigError(f"JARVIS_ENV_FILE={env_file}: no such file")
-    if env_file is None and Path(".env").is_file():
-        env_file = Path(".env")
+    named = env_file is None and bool(env.get("JARVIS_ENV_FILE"))
+    if env_file is None:
+        env_file = _env_file_from(env)
     if env_file is not None:
-        file_values = read_env_file(env_file)
+        try:
+            file_values = read_env_file(env_file)
+        except ConfigError as exc:
+            raise ConfigError(f"JARVIS_ENV_FILE: {exc}" if named else str(exc)) from None
         file_label = str(env_file)
 
     warnings = [
-        f"{name} is not a Jarvis setting (typo?); see env.example for the list"
+        f"{shown(name) if not name.isprintable() or len(name) > SHOWN_CHARS else name} is "
+        "not a Jarvis setting (typo?); see env.example for the list"
         for name in sorted(set(env) | set(file_values))
         if name.startswith("JARVIS_") and name not in KNOWN_NAMES
     ]
@@ -581,10 +891,11 @@ def load_settings(
         else:
             raw, sources[var.name] = var.default_text(), "default"
         try:
+            _check_raw(raw)
             values[var.section][var.field] = var.parse(raw)
-        except ValueError as exc:
-            shown = raw if not var.secret else "********"
-            raise ConfigError(f"{var.name}={shown!r} is invalid: {exc}") from None
+        except (ValueError, ArithmeticError) as exc:
+            value = shown(raw) if not var.secret else "'********'"
+            raise ConfigError(f"{var.name}={value} is invalid: {exc}") from None
 
     llm = values["llm"]
     _resolve_llm(llm, sources)
@@ -596,12 +907,7 @@ def load_settings(
 
 def _resolve_llm(llm: dict[str, Any], sources: dict[str, str]) -> None:
     """Cross-field rules and files the LLM section refers to."""
-    try:
-        llm["model_path"] = (
-            check_gguf(llm["model_path"]) if llm["model_path"] is not None else default_llm_path()
-        )
-    except JarvisError as exc:
-        raise ConfigError(str(exc)) from None
+    llm["model_path"] = _model_path(llm["model_path"])
     if llm["n_threads_batch"] == 0:
         llm["n_threads_batch"] = llm["n_threads"]
     if llm["n_ubatch"] > llm["n_batch"]:
@@ -619,6 +925,27 @@ def _resolve_llm(llm: dict[str, Any], sources: dict[str, str]) -> None:
     _resolve_prompt_file(llm, sources)
 
 
+def _model_path(path: Path | None) -> Path:
+    """The GGUF file ``JARVIS_MODEL_PATH`` names (checked), else the starter model."""
+    try:
+        if path is None:
+            return default_llm_path()
+        problem = _file_problem(path)
+        if problem is not None and problem != "no such file":
+            raise ConfigError(f"JARVIS_MODEL_PATH={shown_path(path)}: {problem}")
+        return check_gguf(path)  # a missing file: lists the GGUF files that do exist
+    except ConfigError:
+        raise
+    except JarvisError as exc:
+        raise ConfigError(str(exc).replace(str(path), shown_path(path) if path else "")) \
+            from None
+    except OSError as exc:  # a directory near the path that cannot be listed
+        raise ConfigError(
+            f"JARVIS_MODEL_PATH={shown_path(path) if path else ''}: cannot be read "
+            f"({exc.strerror or exc})"
+        ) from None
+
+
 def _resolve_prompt_file(llm: dict[str, Any], sources: dict[str, str]) -> None:
     prompt_file: Path | None = llm["system_prompt_file"]
     if prompt_file is not None:
@@ -626,16 +953,20 @@ def _resolve_prompt_file(llm: dict[str, Any], sources: dict[str, str]) -> None:
             raise ConfigError(
                 "JARVIS_SYSTEM_PROMPT and JARVIS_SYSTEM_PROMPT_FILE are both set: keep one"
             )
+        shown_file = shown_path(prompt_file)
         try:
-            text = prompt_file.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise ConfigError(f"JARVIS_SYSTEM_PROMPT_FILE={prompt_file}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"JARVIS_SYSTEM_PROMPT_FILE={prompt_file}: cannot be read as UTF-8 text ({exc})"
-            ) from None
+            text = _read_small_text(prompt_file, "a system prompt").strip()
+            _check_raw(text)
+        except OSError as exc:
+            raise ConfigError(f"JARVIS_SYSTEM_PROMPT_FILE={shown_file}: cannot be read as "
+                              f"UTF-8 text ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            reason = str(exc)
+            if reason.startswith("is not UTF-8"):
+                reason = f"cannot be read as UTF-8 text ({reason.removeprefix('is not ')})"
+            raise ConfigError(f"JARVIS_SYSTEM_PROMPT_FILE={shown_file}: {reason}") from None
         if not text:
-            raise ConfigError(f"JARVIS_SYSTEM_PROMPT_FILE={prompt_file}: the file is empty")
+            raise ConfigError(f"JARVIS_SYSTEM_PROMPT_FILE={shown_file}: the file is empty")
         llm["system_prompt"] = text
     llm["system_prompt"] = llm["system_prompt"].strip()
 
@@ -646,35 +977,97 @@ def _resolve_speech(asr: dict[str, Any], tts: dict[str, Any]) -> None:
     asr["language"] = asr["language"].strip().lower()
     voice: Path | None = tts["voice"]
     if voice is not None:
-        if not voice.is_file():
-            raise ConfigError(f"JARVIS_TTS_VOICE={voice}: no such file (expected a piper .onnx)")
-        if not Path(f"{voice}.json").is_file():
+        problem = _file_problem(voice)
+        if problem is not None:
             raise ConfigError(
-                f"JARVIS_TTS_VOICE={voice}: its config {voice.name}.json is missing; piper "
-                "voices come as a .onnx and a .onnx.json pair"
+                f"JARVIS_TTS_VOICE={shown_path(voice)}: {problem} (expected a piper .onnx)")
+        if _file_problem(Path(f"{voice}.json")) is not None:
+            raise ConfigError(
+                f"JARVIS_TTS_VOICE={shown_path(voice)}: its config "
+                f"{shown_path(Path(voice.name + '.json'))} is missing; piper voices come as a "
+                ".onnx and a .onnx.json pair"
             )
 
 
 def _resolve_mqtt(mqtt: dict[str, Any]) -> None:
     site = mqtt["site"].strip()
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", site):
         raise ConfigError(
-            f"JARVIS_SITE={site!r} is invalid: use letters, digits, '-' and '_' only "
+            f"JARVIS_SITE={shown(site)} is invalid: use 1 to 64 letters, digits, '-' and '_' "
             "(it becomes part of MQTT topics)"
         )
     mqtt["site"] = site
-    mqtt["host"] = mqtt["host"].strip()
-    mqtt["client_id"] = mqtt["client_id"].strip() or f"jarvis-{site}"
+    mqtt["host"] = _mqtt_host(mqtt["host"])
+    mqtt["client_id"] = _mqtt_string("JARVIS_MQTT_CLIENT_ID", mqtt["client_id"].strip()) \
+        or f"jarvis-{site}"
+    mqtt["username"] = _mqtt_string("JARVIS_MQTT_USERNAME", mqtt["username"])
+    mqtt["password"] = _mqtt_string("JARVIS_MQTT_PASSWORD", mqtt["password"], secret=True)
     base = mqtt["base_topic"].strip().strip("/") or f"jarvis/{site}"
-    if any(c in base for c in "#+") or not base:
-        raise ConfigError(f"JARVIS_MQTT_BASE_TOPIC={base!r} is invalid: no wildcards (# or +)")
-    mqtt["base_topic"] = base
+    mqtt["base_topic"] = _topic_prefix("JARVIS_MQTT_BASE_TOPIC", base)
+    mqtt["discovery_prefix"] = _topic_prefix("JARVIS_MQTT_DISCOVERY_PREFIX",
+                                             mqtt["discovery_prefix"].strip().strip("/"),
+                                             empty_ok=True)
     for name in ("tls_ca", "tls_cert", "tls_key"):
         path = mqtt[name]
-        if path is not None and not path.is_file():
-            raise ConfigError(f"JARVIS_MQTT_{name.upper()}={path}: no such file")
+        problem = _file_problem(path) if path is not None else None
+        if path is not None and problem is not None:
+            raise ConfigError(f"JARVIS_MQTT_{name.upper()}={shown_path(path)}: {problem}")
     if (mqtt["tls_cert"] is None) != (mqtt["tls_key"] is None):
         raise ConfigError("JARVIS_MQTT_TLS_CERT and JARVIS_MQTT_TLS_KEY must be set together")
     devices = mqtt["devices_file"]
-    if devices is not None and not devices.is_file():
-        raise ConfigError(f"JARVIS_DEVICES_FILE={devices}: no such file")
+    problem = _file_problem(devices) if devices is not None else None
+    if devices is not None and problem is not None:
+        raise ConfigError(f"JARVIS_DEVICES_FILE={shown_path(devices)}: {problem}")
+
+
+MQTT_MAX_STRING = 65535
+"""MQTT's limit for a UTF-8 string (topic, client id, user name, password), in bytes."""
+_MAX_TOPIC_PREFIX = 1024
+"""Bytes a topic prefix may take, so that every topic built on it stays far below
+:data:`MQTT_MAX_STRING`."""
+
+
+def _mqtt_host(raw: str) -> str:
+    """A broker host name or address as the resolver will take it (IDNA), or "" (off)."""
+    host = raw.strip()
+    if not host:
+        return host
+    problem = ""
+    if len(host) > 253:
+        problem = f"a host name has at most 253 characters, this one {len(host)}"
+    elif any(ch.isspace() or not ch.isprintable() for ch in host):
+        problem = "a host name has no spaces or control characters"
+    else:
+        try:
+            host.encode("idna")
+        except UnicodeError as exc:
+            problem = f"not a valid host name ({exc})"
+    if problem:
+        raise ConfigError(f"JARVIS_MQTT_HOST={shown(raw)} is invalid: {problem}")
+    return host
+
+
+def _mqtt_string(name: str, value: str, *, secret: bool = False) -> str:
+    """``value`` if MQTT can carry it as a string (at most 64 KiB of UTF-8)."""
+    size = len(value.encode("utf-8"))
+    if size > MQTT_MAX_STRING:
+        quoted = "'********'" if secret else shown(value)
+        raise ConfigError(f"{name}={quoted} is invalid: {size} bytes; MQTT allows at most "
+                          f"{MQTT_MAX_STRING}")
+    return value
+
+
+def _topic_prefix(name: str, value: str, *, empty_ok: bool = False) -> str:
+    """A topic prefix: no wildcards, no empty levels at its ends, at most 1 KiB."""
+    problem = ""
+    if not value and not empty_ok:
+        problem = "expected a topic such as jarvis/kitchen"
+    elif any(c in value for c in "#+"):
+        problem = "no wildcards (# or +)"
+    elif len(value.encode("utf-8")) > _MAX_TOPIC_PREFIX:
+        problem = f"at most {_MAX_TOPIC_PREFIX} bytes"
+    elif not value.isprintable():
+        problem = "no control characters"
+    if problem:
+        raise ConfigError(f"{name}={shown(value)} is invalid: {problem}")
+    return value

@@ -24,6 +24,7 @@ TITLES = {
     "tts": "Text to speech (piper)",
     "pipeline": "Voice pipeline",
     "mqtt": "MQTT and home automation",
+    "wyoming": "Wyoming server (Home Assistant voice services)",
     "latency": "Latency tracker",
     "general": "General",
 }

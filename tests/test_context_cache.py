@@ -1,11 +1,13 @@
 """The context cache with the real model: conversations interleaving on one model,
 restored states answering exactly like fresh ones, byte caps, persistence across
-restarts, corrupt and mismatched records."""
+restarts, corrupt and mismatched records, damaged cache directories that heal, and the
+memory of dropped states going back to the OS."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from jarvis.evaluation.dialogues import home_system_prompt, turn
 from jarvis.llm.base import ChatMessage, GenerationStats
 from jarvis.llm.dialogue import Conversation
 from jarvis.llm.llama_cpp import LlamaCppBackend
+from jarvis.llm.prefix_store import PrefixStore
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow
@@ -188,3 +191,93 @@ def test_fingerprint_mismatch_is_a_miss(tmp_path: Path) -> None:
     assert cached == 0
     _, cached_same, _ = ask_once(settings, "Hello again.")
     assert cached_same > 400
+
+
+# --------------------------------------------------------------------------- healing
+
+
+def jarvis_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("jarvis")]
+
+
+@pytest.mark.parametrize("damage", ["record files deleted", "cache.db corrupt"])
+def test_a_damaged_cache_directory_heals(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The next start is a miss with one warning that says what happened, answers the
+    same, and saves the state again, so the start after that is warm."""
+    settings = make_settings(tmp_path, MAX_TOKENS="8", CACHE_PERSIST_RECENT="0")
+    reference, cached_first, _ = ask_once(settings, "Say hello.")
+    assert cached_first == 0
+    cache_dir = tmp_path / "ctx-cache"
+    if damage == "record files deleted":
+        files = list(cache_dir.rglob("*.val"))
+        assert files
+        for path in files:
+            path.unlink()
+    else:
+        db = cache_dir / "cache.db"
+        db.write_bytes(b"\x00garbage" * (db.stat().st_size // 8 + 1))
+    with caplog.at_level(logging.WARNING):
+        reply, cached, _ = ask_once(settings, "Say hello.")
+    assert cached == 0 and reply == reference
+    (message,) = jarvis_warnings(caplog)
+    assert ("missing" if damage == "record files deleted" else "corrupt") in message
+    assert "permission" not in message.lower()
+    _, cached_again, _ = ask_once(settings, "Say hello.")
+    assert cached_again > 30  # the system prompt's state was saved again
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_room_is_made_before_a_snapshot_in_the_order_an_insert_would_evict() -> None:
+    """The cache evicts *before* a snapshot is taken (so the process never holds the cap
+    plus one state), choosing what the insert would have chosen: the conversation's own
+    older state, which the new one will serve, not another conversation's."""
+    store: PrefixStore[str] = PrefixStore(max_entries=10, max_bytes=100)
+    other = store.insert((7, 8), "other conversation", 40)
+    older = store.insert((1, 2), "this conversation, a turn ago", 40)  # the newest entry
+    assert store.make_room((1, 2, 3), 40)
+    assert older not in store and other in store
+    assert store.nbytes + 40 <= 100
+    assert store.insert((1, 2, 3), "this conversation", 40) is not None
+    assert store.stats.evictions == 1  # the insert itself had nothing left to evict
+    assert not store.make_room((9,), 101)  # could never fit: nothing is evicted
+    assert len(store) == 2
+    store._check_invariants()
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux /proc")
+def test_memory_of_dropped_states_goes_back_to_the_os(tmp_path: Path) -> None:
+    """What the byte cap counts is what the process holds: dropping the cache's entries
+    gives (nearly) all of the counted bytes back to the OS, after a run of conversation
+    switches in which states were snapshotted, restored and evicted by the cap."""
+    settings = make_settings(tmp_path, CACHE_DIR="", MAX_TOKENS="8", MAX_CACHE_BYTES="16MiB")
+
+    async def run() -> tuple[int, int, int]:
+        async with backend_for(settings, prefill=True) as backend:
+            convs = [Conversation(settings.llm.system_prompt) for _ in range(6)]
+            for index in range(3):
+                for client, conv in enumerate(convs):
+                    text = turn(client, index)
+                    reply, _ = await backend.complete(conv.messages(text))
+                    conv.add_turn(text, reply)
+            await asyncio.sleep(0)  # let the last housekeeping start, then wait for it
+            async with backend._lock:
+                stats = backend.cache.stats()
+                assert stats.evictions > 0 and stats.bytes_held <= 16 * 1024 * 1024
+                before = rss()
+                backend.cache.clear()
+                assert backend.cache.stats().bytes_held == 0
+                return stats.bytes_held, before, rss()
+
+    held, before, after = asyncio.run(run())
+    assert held > 8 * 1024 * 1024
+    assert before - after >= 0.97 * held, (held, before - after)

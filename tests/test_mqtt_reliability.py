@@ -175,6 +175,34 @@ def test_commands_sent_while_jarvis_is_away_survive_a_broker_restart(rig: Rig) -
     rig.loop.run(scenario())
 
 
+def test_a_broker_without_mqtt_5_is_served_over_mqtt_3(
+    rig: Rig, backend: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An old broker refuses MQTT 5 ("unacceptable protocol version"): Jarvis says so
+    once and connects again at once with MQTT 3.1.1 (persistent session), and serves."""
+    caplog.set_level(logging.WARNING, logger="jarvis.home.transport")
+
+    async def scenario() -> None:
+        relay = await Relay(rig.broker.port).start()
+        relay.refuse_mqtt5 = True
+        cfg = hub_settings(tmp_path, MQTT_HOST="127.0.0.1", MQTT_PORT=str(relay.port),
+                           SITE="old")
+        hub = await start_hub(backend, cfg)
+        try:
+            assert relay.refused_mqtt5 == 1 and hub.bridge.stats.connects == 1
+            async with probe(rig.broker.port, "jarvis/old/reply") as p:
+                await p.publish("jarvis/old/cmd/ask", b'{"text": "Hi.", "id": "old-1", '
+                                                      b'"max_tokens": 2}')
+                _, body = await p.wait_for(lambda t, b: loads(b)["id"] == "old-1")
+                assert loads(body)["text"]
+        finally:
+            await hub.close()
+            await relay.close()
+
+    rig.loop.run(scenario())
+    assert "does not speak MQTT 5" in caplog.text
+
+
 class FlakyTransport:
     """Fault injection over the real transport: the connection "breaks" during the first
     publication of a reply, after the broker may or may not have it."""
@@ -203,6 +231,9 @@ class _FlakyConnection:
 
     def messages(self) -> AsyncIterator[Received]:
         return self.conn.messages()
+
+    def ack(self, message: Received) -> None:
+        self.conn.ack(message)
 
 
 class AttemptsTransport:

@@ -97,9 +97,11 @@ def _parser() -> argparse.ArgumentParser:
 
     from jarvis.cli.mqtt import register as register_mqtt
     from jarvis.cli.speech import register as register_speech
+    from jarvis.cli.wyoming import register as register_wyoming
 
     register_speech(sub)
     register_mqtt(sub)
+    register_wyoming(sub)
 
     cache = sub.add_parser("cache", help="inspect or empty the persistent context cache")
     cache.add_argument("action", choices=("stats", "clear"))
@@ -133,6 +135,7 @@ async def _ask(text: str, settings: Settings, output: Path | None, *, speak: boo
     from jarvis.voice.turn import Turn, validate_request
 
     validate_request(text)  # the same message as every entry point, before loading
+    sink = await _ready_sink(settings, output) if speak else None
     # One-shot: the system prompt is evaluated with the request (or restored from disk),
     # not prefilled first.
     assistant = await build_assistant(settings, listen=False, speak=speak,
@@ -144,13 +147,13 @@ async def _ask(text: str, settings: Settings, output: Path | None, *, speak: boo
 
     turn = Turn(Source.CLI, None, request=text, on_text=show if streamed else None)
     try:
-        result = await assistant.responder.respond(turn, _sink(settings, output)
-                                                   if speak else None)
+        result = await assistant.responder.respond(turn, sink)
+        backend = _backend_json(assistant.backend.info())
     finally:
         await assistant.close()
     if streamed:
         print()
-    _print_turn(result, as_json, printed=streamed)
+    _print_turn(result, as_json, printed=streamed, backend=backend)
     if result.outcome.value == "failed":
         raise JarvisError(result.error)
     return 0
@@ -164,13 +167,32 @@ def _sink(settings: Settings, output: Path | None, *, directory: bool = False) -
     return WavReplySink(output, realtime=directory, single_file=not directory)
 
 
-def _print_turn(result: TurnResult, as_json: bool, *, printed: bool = False) -> None:
+async def _ready_sink(settings: Settings, output: Path | None) -> Any:
+    """The sink a one-shot command speaks through. A speaker is opened and closed once
+    first, so that a machine with no usable output says so now, before any model loads,
+    instead of printing a reply nobody heard and exiting 0."""
+    from jarvis.audio.errors import AudioDeviceError
+    from jarvis.voice.sinks import SpeakerSink
+
+    sink = _sink(settings, output)
+    if isinstance(sink, SpeakerSink):
+        try:
+            await sink.check()
+        except AudioDeviceError as exc:
+            raise AudioDeviceError(f"{exc}; or write the reply to a file with "
+                                   "--output reply.wav") from None
+    return sink
+
+
+def _print_turn(result: TurnResult, as_json: bool, *, printed: bool = False,
+                backend: dict[str, Any] | None = None) -> None:
     if as_json:
-        print(json.dumps(_turn_json(result), indent=2))
+        print(json.dumps({**_turn_json(result), **({"backend": backend} if backend else {})},
+                         indent=2))
         return
     if result.transcript:
         print(f"you>    {result.transcript}")
-    if not printed and result.outcome.value != "failed":
+    if not printed and result.outcome.value not in ("failed", "ignored"):
         print(f"jarvis> {result.reply}" if result.transcript else result.reply)
     parts = [f"{_LABELS.get(k, k)} {v:.3f} s" for k, v in result.latency.items()]
     stats = result.stats
@@ -204,6 +226,19 @@ def _turn_json(result: TurnResult) -> dict[str, Any]:
         "completion_tokens": stats.get("completion_tokens"),
         "finish_reason": stats.get("finish_reason"), "cache_hit": stats.get("cache_hit"),
     }
+
+
+def _backend_json(info: dict[str, Any]) -> dict[str, Any]:
+    """Which backend answered: ``local`` (the in-process engine) or ``remote`` (the LLM
+    server); with ``JARVIS_LLM_FALLBACK=local`` whichever did (None: the model was not
+    asked, e.g. a device command the matcher settled)."""
+    if info.get("backend") != "remote":
+        return {"answered_by": "local", "model": info.get("model_path"), "url": None}
+    answered = info.get("answered_by", "remote") if "fallback" in info else "remote"
+    local = info.get("local", {})
+    return {"answered_by": answered, "url": info.get("url"), "server": info.get("server"),
+            "model": local.get("model_path") if answered == "local" else info.get("model"),
+            "fallback": info.get("fallback")}
 
 
 def _float(x: object) -> float | None:
@@ -291,14 +326,25 @@ async def _converse(file: Path, output: Path | None, settings: Settings, *,
     from jarvis.voice.assembly import build_assistant
     from jarvis.voice.pipeline import Utterance
 
-    audio = read_audio(file)
+    # Both checks fail fast, before any model loads: a file that is not audio or too
+    # long to hold (JARVIS_MAX_INPUT_S), and a machine with nothing to play the reply on.
+    audio = read_audio(file, max_seconds=settings.audio.max_input_s,
+                       limit_name="JARVIS_MAX_INPUT_S")
+    sink = await _ready_sink(settings, output)
     assistant = await build_assistant(settings, listen=False)
     try:
         result = await assistant.voice().voice_turn(
-            Utterance(audio.samples, time.monotonic()), _sink(settings, output))
+            Utterance(audio.samples, time.monotonic()), sink)
     finally:
         await assistant.close()
     _print_turn(result, as_json)
+    if result.outcome.value == "failed":
+        raise JarvisError(result.error)
+    if result.ignored:  # not an error, but not an answer either: say why, exit 1
+        why = ("no speech was heard in it" if not result.transcript else
+               f"it does not start with the wake phrase {settings.pipeline.wake_word!r}")
+        print(f"jarvis: nothing answered: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -312,13 +358,13 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     """Run until the input ends or SIGINT/SIGTERM; then shut down cleanly."""
-    import signal
+    from jarvis.cli.mqtt import install_stop_signals
 
-    loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, main.cancel)
+    # The first signal stops; a second does not cut the shutdown short (MQTT drain,
+    # caches being saved); a third ends the process at once.
+    install_stop_signals(asyncio.get_running_loop(), main.cancel)
     try:
         return await _run_voice(args, settings)
     except asyncio.CancelledError:
@@ -330,6 +376,7 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
     from jarvis.audio.files import file_source
     from jarvis.audio.stream import Microphone
     from jarvis.voice.assembly import build_assistant
+    from jarvis.wyoming.server import WyomingServer, start_wyoming
 
     assistant = await build_assistant(settings)
     pipeline = assistant.voice()
@@ -337,12 +384,15 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
     pipeline.subscribe(_log_event)
     bridge_task: asyncio.Task[None] | None = None
     stop_bridge = asyncio.Event()
+    wyoming: WyomingServer | None = None
     try:
         if settings.mqtt.enabled:
             from jarvis.home.hub import attach_mqtt
 
             bridge, _ = await attach_mqtt(settings, assistant, sink)
             bridge_task = asyncio.create_task(bridge.run(stop_bridge))
+        if settings.wyoming.enabled:  # Home Assistant's voice services, the same responder
+            wyoming = await start_wyoming(settings, assistant)
         if args.input is not None:
             # Streamed from disk at the pace of the audio (bounded memory for long files);
             # the endpointer closes the last utterance when the file ends.
@@ -352,9 +402,14 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
                 log.info("listening (Ctrl-C to stop)")
                 await pipeline.run(mic, sink)
     finally:
+        if wyoming is not None:
+            await asyncio.shield(wyoming.stop())
         if bridge_task is not None:
-            stop_bridge.set()  # publishes "offline" and flushes before returning
-            await asyncio.shield(asyncio.wait({bridge_task}, timeout=10))
+            # Drains: the MQTT reply in progress may finish (JARVIS_SHUTDOWN_GRACE_S), the
+            # asks still waiting stay with the broker; then "offline" and a flush.
+            stop_bridge.set()
+            await asyncio.shield(asyncio.wait(
+                {bridge_task}, timeout=settings.mqtt.shutdown_grace_s + 10))
         await assistant.close()
         print(assistant.tracker.summary().format_table(), file=sys.stderr)
     return 0
@@ -397,12 +452,17 @@ def _cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
         print("persistence is off (JARVIS_CACHE_DIR is empty)")
         return 0
     if args.action == "clear":
-        from jarvis.llm.cache import ContextCache
+        from jarvis.diskstore import StoreUnavailable, clear_store
+        from jarvis.speech.phrase_cache import phrase_cache_dir
 
-        cache = ContextCache(settings.cache)
-        cache.clear(disk=True)
-        cache.close()
-        print(f"cleared the context cache in {directory}")
+        phrases_dir = phrase_cache_dir(directory)
+        try:  # a corrupt database is moved aside first; a read-only one is an error
+            records = clear_store(directory, what="context cache")
+            phrases = clear_store(phrases_dir, what="TTS phrase cache") if phrases_dir else 0
+        except StoreUnavailable as exc:
+            raise JarvisError(f"cannot clear the cache: {exc}") from None
+        print(f"cleared the context cache in {directory} ({records} records) and the TTS "
+              f"phrase cache ({phrases} phrases)")
         return 0
     usage = disk_usage(settings.cache)
     if args.json:

@@ -1,17 +1,27 @@
 """``jarvis hub``: the headless hub (text in and out over MQTT, no audio), the same as
-``jarvis run --no-audio``. SIGINT/SIGTERM stop it cleanly: open asks are answered with
-a ``shutting_down`` error, queued messages are flushed and ``offline`` is published."""
+``jarvis run --no-audio``.
+
+SIGINT/SIGTERM stop it cleanly (exit status 0): no new command is taken, the reply
+being generated gets ``JARVIS_SHUTDOWN_GRACE_S`` to finish, the asks still waiting stay
+with the broker for the next start (unanswered, not answered with an error), answers
+are flushed and ``offline`` is published. A second signal during that is noted and
+changes nothing (nothing is cut off mid-write); a third ends the process at once."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import logging
+import os
 import signal
+from collections.abc import Callable
 
 from jarvis.config import Settings
 from jarvis.home.bridge import MqttConfigError
 from jarvis.home.hub import run_hub
+
+log = logging.getLogger("jarvis")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,9 +44,34 @@ def hub_handler(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _serve(settings: Settings) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows
-            loop.add_signal_handler(sig, stop.set)
-    await run_hub(settings, stop=stop)
+    install_stop_signals(asyncio.get_running_loop(), stop.set)
+    from jarvis.cli.wyoming import hub_services  # JARVIS_WYOMING_URI: Wyoming beside MQTT
+
+    services = hub_services(settings)
+    await run_hub(settings, stop=stop, services=services, speech=bool(services))
     return 0
+
+
+def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], object]) -> None:
+    """SIGINT and SIGTERM on ``loop``: the first calls ``stop`` (a clean stop begins),
+    the second is only logged (the stop goes on: a process restarted impatiently must
+    not die halfway through writing an answer or a cache), the third ends the process
+    at once, as the signal's default would have."""
+    received = 0
+
+    def handle(sig: signal.Signals) -> None:
+        nonlocal received
+        received += 1
+        if received == 1:
+            log.info("%s: stopping (send it twice more to end at once)", sig.name)
+            stop()
+        elif received == 2:
+            log.warning("%s again: still finishing the work in progress; a third ends "
+                        "Jarvis at once", sig.name)
+        else:
+            loop.remove_signal_handler(sig)  # back to the default action
+            os.kill(os.getpid(), sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows, not main
+            loop.add_signal_handler(sig, handle, sig)

@@ -3,16 +3,19 @@ only answer ``<device id> <action>`` for a pair that exists in the device map, o
 ``none``. The answer is parsed back through :meth:`DeviceMap.command`, so even a
 backend that ignored the grammar could not make Jarvis execute anything else.
 
-The grammar reaches the model as ``GenerationOptions.grammar``, in the form the backend
-takes (``compile_grammar``; for llama.cpp a ``LlamaGrammar``), so the choice is one more
-request in the backend's FIFO queue and reuses the context cache like any other.
+The grammar reaches the model as GBNF text in ``GenerationOptions.grammar``, which every
+backend takes (the in-process engine compiles it; a llama.cpp server gets it as its
+``grammar`` field), with the same choice as a JSON schema beside it for servers that
+constrain by JSON schema instead (vLLM, Ollama): ``{"command": "<device id> <action>"}``.
+Either way the choice is one more request in the backend's queue and reuses its cache.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from jarvis.devices.device_map import Device, DeviceCommand, DeviceMap
@@ -42,6 +45,21 @@ def action_grammar(devices: DeviceMap, only: Iterable[Device] | None = None) -> 
     return "root ::= " + " | ".join([*alternatives, _literal(NONE)]) + "\n"
 
 
+def action_choices(devices: DeviceMap, only: Iterable[Device] | None = None) -> list[str]:
+    """Every answer :func:`action_grammar` allows, as strings."""
+    allowed = None if only is None else {d.id for d in only}
+    return [f"{d.id} {a.name}" for d in devices.devices
+            if allowed is None or d.id in allowed
+            for a in d.actions.values() if a.llm] + [NONE]
+
+
+def action_schema(choices: Sequence[str]) -> dict[str, Any]:
+    """The choice as a JSON schema: ``{"command": one of choices}``."""
+    return {"type": "object", "properties": {"command": {"type": "string",
+                                                         "enum": list(choices)}},
+            "required": ["command"], "additionalProperties": False}
+
+
 def chooser_messages(devices: DeviceMap, text: str) -> list[ChatMessage]:
     """The prompt: the device list (stable, so the context cache reuses it) and the request."""
     choices = [(d, [a.name for a in d.actions.values() if a.llm]) for d in devices.devices]
@@ -62,7 +80,10 @@ def chooser_messages(devices: DeviceMap, text: str) -> list[ChatMessage]:
 
 
 def parse_choice(text: str, devices: DeviceMap) -> DeviceCommand | None:
-    """The command the model named, or None for ``none`` or anything not in the map."""
+    """The command the model named, or None for ``none`` or anything not in the map.
+    A JSON answer (``{"command": "..."}``, from a JSON-schema constrained server) is
+    unwrapped first."""
+    text = _unwrap_json(text)
     parts = text.strip().split()
     if len(parts) != 2:
         if parts != [NONE]:
@@ -76,14 +97,24 @@ def parse_choice(text: str, devices: DeviceMap) -> DeviceCommand | None:
     return command
 
 
+def _unwrap_json(text: str) -> str:
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return text
+    try:
+        value = json.loads(stripped)
+    except json.JSONDecodeError:
+        return text
+    command = value.get("command") if isinstance(value, dict) else None
+    return command if isinstance(command, str) else text
+
+
 class ActionChooser:
     """Ask the LLM which (device, action) a request means."""
 
     def __init__(self, backend: LLMBackend, devices: DeviceMap, *, max_tokens: int = 24,
-                 temperature: float = 0.0,
-                 compile_grammar: Callable[[str], Any] | None = None) -> None:
+                 temperature: float = 0.0) -> None:
         self.backend = backend
-        self.compile_grammar = compile_grammar or llama_grammar
         self.devices = devices
         self.max_tokens = max_tokens
         self.temperature = temperature
@@ -100,16 +131,20 @@ class ActionChooser:
             return None
         cancel = cancel or threading.Event()
         grammar = action_grammar(self.devices, candidates)
-        answer = await self.generate(chooser_messages(self.devices, text), grammar, cancel)
+        schema = action_schema(action_choices(self.devices, candidates))
+        answer = await self.generate(chooser_messages(self.devices, text), grammar, cancel,
+                                     schema=schema)
         if cancel.is_set():
             return None
         return parse_choice(answer, self.devices)
 
     async def generate(self, messages: Sequence[ChatMessage], grammar: str,
-                       cancel: threading.Event | None = None) -> str:
-        """Raw text for ``messages`` under the GBNF ``grammar``."""
+                       cancel: threading.Event | None = None, *,
+                       schema: dict[str, Any] | None = None) -> str:
+        """Raw text for ``messages`` under the GBNF ``grammar`` (or, on a server that
+        takes JSON schemas instead, ``schema``)."""
         options = GenerationOptions(max_tokens=self.max_tokens, temperature=self.temperature,
-                                    grammar=self.compile_grammar(grammar))
+                                    grammar=grammar, json_schema=schema)
         stream = self.backend.stream_chat(messages, options)
         pieces: list[str] = []
         async for piece in stream:
@@ -118,9 +153,3 @@ class ActionChooser:
                 stream.cancel()
         return "".join(pieces)
 
-
-def llama_grammar(gbnf: str) -> Any:
-    """GBNF text -> the ``llama_cpp.LlamaGrammar`` the llama.cpp backend takes."""
-    from llama_cpp import llama_grammar as module
-
-    return module.LlamaGrammar.from_string(gbnf, verbose=False)

@@ -17,14 +17,16 @@ as spoken requests do, and show ``thinking`` like them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jarvis.config import Settings
 from jarvis.devices.device_map import DeviceCommand, DeviceMap, load_device_map
 from jarvis.errors import JarvisError
 from jarvis.home.bridge import Answer, BridgeOptions, MqttBridge, MqttConfigError
+from jarvis.home.ledger import ledger_dir
 from jarvis.latency import LatencyTracker
 from jarvis.voice.assembly import Assistant, build_assistant
 from jarvis.voice.events import EventType, Outcome, Source, TurnEvent
@@ -138,7 +140,9 @@ class MqttFrontend:
                     event.text, conversation_id=event.conversation_id or None,
                     cancelled=event.outcome is Outcome.CANCELLED,
                     actions=list(event.data.get("actions", [])),
-                    latency=_numbers(event.data.get("latency", {})))
+                    latency=_numbers(event.data.get("latency", {})),
+                    spoken="voice_to_voice" in event.data.get("latency", {}),
+                    source=event.source.value if event.source else "")
             if not self._open_turns:
                 bridge.publish_state("listening" if self.pipeline is not None else "idle")
 
@@ -196,27 +200,40 @@ async def attach_mqtt(settings: Settings, assistant: Assistant,
     """The bridge for a running voice assistant (``jarvis run`` with MQTT)."""
     frontend = MqttFrontend(assistant.responder, assistant.tracker, sink=sink,
                             pipeline=assistant.pipeline)
-    bridge = MqttBridge(settings.mqtt, frontend)
+    bridge = MqttBridge(settings.mqtt, frontend,
+                        state_dir=ledger_dir(settings.cache.dir, settings.mqtt.client_id))
     frontend.attach(bridge)
     return bridge, frontend
 
 
 async def run_hub(settings: Settings, *, stop: asyncio.Event | None = None,
-                  options: BridgeOptions | None = None) -> None:
-    """Load the model (and the device map), then serve MQTT until ``stop`` is set."""
+                  options: BridgeOptions | None = None,
+                  services: Sequence[Callable[[Assistant],
+                                              contextlib.AbstractAsyncContextManager[object]]]
+                  = (), speech: bool = False) -> None:
+    """Load the model (and the device map), then serve MQTT until ``stop`` is set.
+
+    ``services`` run beside the bridge on the same assistant (the Wyoming server: the
+    entry point passes it in, the hub does not know it), each for as long as the
+    bridge runs; device commands of their turns go out through the bridge. ``speech``
+    loads ASR and TTS too (the hub itself needs neither)."""
     mqtt = settings.mqtt
     if not mqtt.enabled:
         raise MqttConfigError("hub mode talks MQTT only: set JARVIS_MQTT_HOST (and "
                               "JARVIS_MQTT_PORT, JARVIS_MQTT_USERNAME, ... as needed)")
     if mqtt.devices_file:  # a broken map fails before the model loads
         await asyncio.to_thread(load_device_map, mqtt.devices_file)
-    assistant = await build_assistant(settings, listen=False, speak=False)
+    assistant = await build_assistant(settings, listen=False, speak=speech)
     try:
         frontend = MqttFrontend(assistant.responder, assistant.tracker)
-        bridge = MqttBridge(mqtt, frontend, options=options)
+        bridge = MqttBridge(mqtt, frontend, options=options,
+                            state_dir=ledger_dir(settings.cache.dir, mqtt.client_id))
         frontend.attach(bridge)
-        log.info("hub ready: %d devices, MQTT %s:%d, topics %s/...", len(assistant.devices),
-                 mqtt.host, mqtt.port, mqtt.base_topic)
-        await bridge.run(stop)
+        async with contextlib.AsyncExitStack() as running:
+            for service in services:
+                await running.enter_async_context(service(assistant))
+            log.info("hub ready: %d devices, MQTT %s:%d, topics %s/...",
+                     len(assistant.devices), mqtt.host, mqtt.port, mqtt.base_topic)
+            await bridge.run(stop)
     finally:
         await assistant.close()

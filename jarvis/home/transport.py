@@ -2,12 +2,26 @@
 
 :class:`Transport` opens one connection at a time as an async context manager; the
 bridge reconnects by opening it again. :class:`AiomqttTransport` is the real one
-(aiomqtt over paho-mqtt, MQTT 3.1.1, persistent session: ``clean_session=False`` with a
-fixed client id, so QoS 1 commands published while Jarvis is away are kept by the
-broker). A fresh ``aiomqtt.Client`` is made per connection; messages it had already
-received are still handed out before the loss of the connection is reported.
+(aiomqtt over paho-mqtt, MQTT 5 with a persistent session: a fixed client id, clean
+start off and a session that never expires, so QoS 1 commands published while Jarvis
+is away are kept by the broker). A fresh ``aiomqtt.Client`` is made per connection;
+messages it had already received are still handed out before the loss of the
+connection is reported.
 
-:class:`Outbox` holds outgoing messages until the broker has them, across reconnects.
+**Acknowledgement is the bridge's**: paho's manual acknowledgement is on (aiomqtt does
+not expose it; :class:`_Client` turns it on in the paho client it wraps), so a QoS 1
+command is acknowledged (PUBACK) only when the bridge calls :meth:`Connection.ack`,
+once it is answered. Until then the broker holds it and delivers it again, flagged
+``dup``, after a reconnect, to the same process or to the next one after a crash.
+Subscriptions keep the retain flag as published (MQTT 5 "retain as published"), so a
+retained command is recognised even when it arrives live, and ask for retained
+messages only when the subscription is new, so a persistent session is not sent the
+same retained message on every reconnect. A broker that refuses MQTT 5 is spoken to in
+MQTT 3.1.1 instead (clean session off), with a warning: there a retained command is
+recognised only when it comes with a new subscription.
+
+:class:`Outbox` holds outgoing messages until the broker has them, across reconnects,
+and tells each message's sender whether it got there (:attr:`Outgoing.receipt`).
 
 Foreign errors become :class:`~jarvis.home.schema.MqttConnectionError` (or
 :class:`~jarvis.home.schema.MqttAuthError` when the broker refuses the credentials).
@@ -23,15 +37,17 @@ import random
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiomqtt
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from jarvis.config import MqttSettings
 from jarvis.home.schema import MqttAuthError, MqttConnectionError
@@ -41,6 +57,11 @@ log = logging.getLogger(__name__)
 # CONNACK refusals that retrying will not fix (MQTT 3.1.1 codes 2, 4, 5 and their
 # MQTT 5 reason codes): bad client id, bad user name or password, not authorized.
 _AUTH_CODES = {2, 4, 5, 133, 134, 135}
+_OLD_BROKER_CODES = {1, 132}
+"""CONNACK "unacceptable protocol version" (MQTT 3.1.1) / "unsupported protocol version"."""
+NEVER_EXPIRES = 0xFFFFFFFF
+"""MQTT 5 session expiry interval: the broker keeps the session (subscriptions and the
+commands queued for it) until Jarvis connects again, as MQTT 3.1.1's clean session off."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,11 @@ class Received:
     payload: bytes
     qos: int = 0
     retain: bool = False
+    """Retained as published (a retained message, live or sent on subscribing)."""
+    mid: int = 0
+    """Its packet id (QoS 1 and 2): a message delivered again keeps it."""
+    dup: bool = False
+    """Delivered before and not acknowledged: this is a redelivery."""
 
 
 class Connection(Protocol):
@@ -62,6 +88,12 @@ class Connection(Protocol):
     def messages(self) -> AsyncIterator[Received]:
         """Incoming messages; raises :class:`MqttConnectionError` when the connection is
         lost (after the messages already received)."""
+
+    def ack(self, message: Received) -> None:
+        """Acknowledge ``message`` (a PUBACK): the broker forgets it. A QoS 1 message is
+        never acknowledged otherwise; one that this connection received but that is
+        not acknowledged before it closes is delivered again (``dup``) on the next. A
+        no-op for QoS 0 and once this connection is closed."""
 
 
 class Transport(Protocol):
@@ -103,11 +135,15 @@ class Outgoing:
     payload: bytes
     qos: int
     retain: bool
+    receipt: Callable[[bool], None] | None = field(default=None, compare=False)
+    """Called once: True when the broker has the message, False when it is given up
+    (dropped from a full outbox, or still queued when the bridge stops)."""
 
 
 class Outbox:
     """Messages waiting for the broker: urgent (device commands), then ordinary ones in
-    order, then the latest value of each state-like retained topic."""
+    order, then the latest value of each state-like retained topic. Each message's
+    ``receipt`` says whether it got there."""
 
     def __init__(self, limit: int) -> None:
         self._urgent: deque[Outgoing] = deque()
@@ -127,11 +163,13 @@ class Outbox:
         if urgent:
             self._urgent.append(item)
         elif coalesce:
-            self._latest.pop(item.topic, None)
+            replaced = self._latest.pop(item.topic, None)
+            if replaced is not None:
+                _receipt(replaced, False)
             self._latest[item.topic] = item
         else:
             if len(self._normal) >= self.limit:
-                self._normal.popleft()
+                _receipt(self._normal.popleft(), False)
                 self.dropped += 1
                 if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                     log.warning("MQTT outbox full: %d old messages dropped", self.dropped)
@@ -159,10 +197,24 @@ class Outbox:
         self._inflight = True
         return item
 
-    def done(self) -> None:
+    def done(self, item: Outgoing) -> None:
+        """``item`` (the last one from :meth:`get`) is with the broker."""
         self._inflight = False
         if not len(self):
             self._idle.set()
+        _receipt(item, True)
+
+    def abandon(self) -> int:
+        """Give up every message still queued (the bridge is stopping); returns how many."""
+        items = [*self._urgent, *self._normal, *self._latest.values()]
+        self._urgent.clear()
+        self._normal.clear()
+        self._latest.clear()
+        self._inflight = False
+        self._idle.set()
+        for item in items:
+            _receipt(item, False)
+        return len(items)
 
     async def drained(self, timeout: float) -> bool:
         try:
@@ -172,15 +224,48 @@ class Outbox:
         return True
 
 
+def _receipt(item: Outgoing, delivered: bool) -> None:
+    if item.receipt is not None:
+        try:
+            item.receipt(delivered)
+        except Exception:  # a sender's bug must not stop the outbox
+            log.exception("MQTT: the receipt for a message on %s failed", item.topic)
+
+
+class _Message(aiomqtt.Message):
+    """aiomqtt's message with paho's ``dup`` flag, which aiomqtt leaves out."""
+
+    dup: bool = False
+
+
 class _Client(aiomqtt.Client):
-    """aiomqtt's client, failing a connection attempt as soon as the connection is lost
-    before the broker's CONNACK.
+    """aiomqtt's client with paho's manual acknowledgement (:meth:`ack`) and the ``dup``
+    flag of incoming messages, failing a connection attempt as soon as the connection
+    is lost before the broker's CONNACK.
 
     aiomqtt 2.5 ignores a disconnection that comes before the CONNACK and waits out
     its whole timeout instead: a broker that refuses the TLS handshake (no client
     certificate), or one going down just after accepting the TCP connection, cost
     ``connect_timeout_s`` per attempt. Here the attempt fails at once with the reason.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client.manual_ack_set(True)
+
+    def ack(self, mid: int, qos: int) -> None:
+        """PUBACK (PUBCOMP for QoS 2) for the message ``mid``, if still connected."""
+        if qos > 0 and not self._disconnected.done():
+            self._client.ack(mid, qos)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any,
+                    message: mqtt.MQTTMessage) -> None:
+        received = _Message._from_paho_message(message)
+        received.dup = bool(message.dup)
+        try:
+            self._queue.put_nowait(received)
+        except asyncio.QueueFull:  # the queue is unbounded: never
+            log.warning("MQTT: incoming queue full; a message waits for redelivery")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None = None) -> None:
@@ -192,14 +277,28 @@ class _Client(aiomqtt.Client):
 
 
 class _AiomqttConnection:
-    def __init__(self, client: aiomqtt.Client) -> None:
+    def __init__(self, client: _Client, *, mqtt5: bool = True) -> None:
         self._client = client
+        self._mqtt5 = mqtt5
 
     async def subscribe(self, topic: str, qos: int) -> None:
         try:
-            await self._client.subscribe(topic, qos)
+            if self._mqtt5:
+                granted = await self._client.subscribe(topic, options=SubscribeOptions(
+                    qos=qos, retainAsPublished=True,
+                    retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
+            else:
+                granted = await self._client.subscribe(topic, qos)
         except aiomqtt.MqttError as exc:
             raise MqttConnectionError(f"subscribe to {topic} failed: {exc}") from None
+        refused = [code for code in granted if (code.is_failure if isinstance(code, ReasonCode)
+                                                else code >= 0x80)]
+        if refused:
+            raise MqttConnectionError(f"the broker refused the subscription to {topic} "
+                                      f"({refused[0]})")
+
+    def ack(self, message: Received) -> None:
+        self._client.ack(message.mid, message.qos)
 
     async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         try:
@@ -216,23 +315,30 @@ class _AiomqttConnection:
                     payload if isinstance(payload, bytes) else str(payload or "").encode(),
                     message.qos,
                     bool(message.retain),
+                    message.mid,
+                    bool(getattr(message, "dup", False)),
                 )
         except aiomqtt.MqttError as exc:
             raise MqttConnectionError(f"connection lost: {exc}") from None
 
 
 class AiomqttTransport:
-    """The real transport. ``settings`` supply host, port, credentials, TLS and client id."""
+    """The real transport. ``settings`` supply host, port, credentials, TLS and client id;
+    ``receive_maximum`` is how many unacknowledged QoS 1 commands the broker may have
+    out to Jarvis at once (those beyond wait at the broker)."""
 
     def __init__(self, settings: MqttSettings, will: Will, *, keepalive: int = 30,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, receive_maximum: int = 1000) -> None:
         self.settings = settings
         self.will = will
         self.keepalive = keepalive
         self.timeout = timeout
+        self.receive_maximum = max(1, min(receive_maximum, 65535))
+        self.mqtt5 = True
+        """False once a broker has refused MQTT 5 (then MQTT 3.1.1, clean session off)."""
         self.paho_logger = logging.getLogger("jarvis.home.bridge.paho")
 
-    def _client(self) -> aiomqtt.Client:
+    def _client(self) -> _Client:
         s = self.settings
         tls = None
         if s.tls_ca is not None:
@@ -242,13 +348,20 @@ class AiomqttTransport:
                 keyfile=str(s.tls_key) if s.tls_key else None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
+        session: dict[str, Any] = {"protocol": aiomqtt.ProtocolVersion.V311,
+                                   "clean_session": False}
+        if self.mqtt5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = NEVER_EXPIRES
+            properties.ReceiveMaximum = self.receive_maximum
+            session = {"protocol": aiomqtt.ProtocolVersion.V5, "clean_start": False,
+                       "properties": properties}
         return _Client(
             s.host, s.port,
             username=s.username or None,
             password=s.password or None,
             identifier=s.client_id,
-            protocol=aiomqtt.ProtocolVersion.V311,
-            clean_session=False,
+            **session,
             will=aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos,
                               self.will.retain),
             keepalive=self.keepalive,
@@ -268,11 +381,19 @@ class AiomqttTransport:
             async with client:
                 # aiomqtt replaces its futures while connecting: watch the new ones too.
                 watched = _read_failures(client, self.settings.password, watched)
-                yield _AiomqttConnection(client)
+                yield _AiomqttConnection(client, mqtt5=self.mqtt5)
         except aiomqtt.MqttCodeError as exc:
             reason = _reason(exc, self.settings.password)
             code = getattr(exc.rc, "value", exc.rc)
-            if isinstance(exc, aiomqtt.exceptions.MqttConnectError) and code in _AUTH_CODES:
+            refused = isinstance(exc, aiomqtt.exceptions.MqttConnectError)
+            if refused and code in _OLD_BROKER_CODES and self.mqtt5:
+                self.mqtt5 = False
+                log.warning("MQTT: the broker %s does not speak MQTT 5 (%s); using MQTT 3.1.1: "
+                            "a command published retained while Jarvis listens then looks "
+                            "like any other, and the broker's max_inflight_messages (20 on "
+                            "mosquitto) limits the commands waiting for an answer",
+                            self._where(), reason)
+            if refused and code in _AUTH_CODES:
                 raise MqttAuthError(
                     f"the broker {self._where()} refused the connection ({reason}): check "
                     "JARVIS_MQTT_USERNAME, JARVIS_MQTT_PASSWORD and JARVIS_MQTT_CLIENT_ID"

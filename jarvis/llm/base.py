@@ -28,8 +28,14 @@ class GenerationOptions:
     max_tokens: int | None = None
     temperature: float | None = None
     grammar: Any = None
-    """A backend-specific constraint on the output (for llama.cpp a ``LlamaGrammar``,
-    e.g. from a JSON schema), so the model can only produce what the grammar allows."""
+    """A constraint on the output, so the model can only produce what the grammar
+    allows: GBNF text, which every backend takes (the in-process engine compiles it, a
+    llama.cpp server receives it as its ``grammar`` field), or an object only one
+    backend understands (for the in-process engine a ``LlamaGrammar``)."""
+    json_schema: dict[str, Any] | None = None
+    """The same constraint as a JSON schema, for servers that take JSON-schema
+    constrained output but no GBNF (vLLM, Ollama); the answer is then JSON. Backends
+    that take the grammar ignore it."""
 
 
 @dataclass(frozen=True)

@@ -2,23 +2,30 @@
 common token prefix, held under an entry cap and a byte cap, with the system-prompt
 state (and recent conversations) persisted to disk across restarts.
 
-This module knows nothing of llama.cpp: a state is opaque ``bytes`` produced and
+This module knows nothing of llama.cpp: a state is an opaque byte buffer produced and
 consumed by the backend. It owns three things:
 
 * :class:`~jarvis.llm.prefix_store.PrefixStore` in RAM (radix tree over token ids, LRU,
-  redundant prefixes evicted first, entries in use never evicted);
-* a ``diskcache`` directory keyed by a *fingerprint* of everything that makes a saved
-  state valid (model file, context size, KV type, chat template, library version).
-  Each record carries its token ids and a SHA-256 of the state, so a corrupt,
-  truncated or mismatched record is a miss with a warning, never a wrong answer;
+  redundant prefixes evicted first, entries in use never evicted). The byte cap counts
+  what the process really holds: each state's own memory map (whole pages, see
+  :mod:`~jarvis.llm.records`) plus the token bookkeeping, and room is made *before* a
+  snapshot is taken, so the cap holds at every moment, not just after an insert;
+* a ``diskcache`` directory (:class:`~jarvis.diskstore.DiskStore`: raw bytes only,
+  never pickle; a corrupt database is moved aside and rebuilt) keyed by a
+  *fingerprint* of everything that makes a saved state valid (model file, context
+  size, KV type, chat template, library version). Each record is bytes with a header
+  and a SHA-256 checked before anything in it is parsed, so a corrupt, truncated,
+  tampered or mismatched record is a miss with a warning, never a wrong answer;
 * the counters behind the hit rate in the latency report and ``jarvis cache stats``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import logging
-import pickle
+import re
 import threading
 import time
 from array import array
@@ -29,19 +36,23 @@ from pathlib import Path
 from typing import Any
 
 from jarvis.config import CacheSettings
+from jarvis.diskstore import CorruptStoreError, DiskStore, StoreError, StoreUnavailable
 from jarvis.llm.prefix_store import Entry, Match, PrefixStore
+from jarvis.llm.records import PAGE, RecordError, RecordWriter, State, held_bytes, read_record
 
 log = logging.getLogger(__name__)
 
-State = bytes | bytearray
-"""A saved KV state: a snapshot taken in this process is a bytearray (no extra copy),
-one read from disk is bytes."""
+__all__ = ["CacheStats", "ContextCache", "State", "disk_usage", "file_identity",
+           "fingerprint", "state_nbytes"]
 
-RECORD_VERSION = 1
 _PER_TOKEN_OVERHEAD = 48
-"""Bytes of Python bookkeeping per cached token: the ids in the entry and the radix
-tree labels (the saved KV state itself is counted exactly)."""
+"""Bytes of Python bookkeeping per cached token: the entry's tuple of ids (8 bytes a
+slot and a 32-byte int object per id) and the radix tree's edge labels (8 bytes)."""
 _PER_ENTRY_OVERHEAD = 1024
+_KEY_RE = re.compile(r"ctx:[0-9a-f]{32}:[0-9a-f]{32}")
+_MAX_WRITE_FAILURES = 3
+_TRIM_EVERY_S = 30.0
+"""Ask the C allocator to return its free memory to the OS at most this often."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +97,37 @@ class CacheStats:
 
 
 def state_nbytes(tokens: Sequence[int], state: State) -> int:
-    """Bytes an entry really holds: the state plus its token bookkeeping."""
-    return len(state) + _PER_TOKEN_OVERHEAD * len(tokens) + _PER_ENTRY_OVERHEAD
+    """Bytes an entry really holds: the state's allocation plus its token bookkeeping."""
+    return held_bytes(state) + _PER_TOKEN_OVERHEAD * len(tokens) + _PER_ENTRY_OVERHEAD
+
+
+def snapshot_nbytes(n_tokens: int, state_size: int) -> int:
+    """What :func:`state_nbytes` will be for a snapshot of ``state_size`` bytes taken
+    into its own memory map (:func:`~jarvis.llm.records.new_state_buffer`)."""
+    pages = -(-max(state_size, 1) // PAGE) * PAGE
+    return pages + _PER_TOKEN_OVERHEAD * n_tokens + _PER_ENTRY_OVERHEAD
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free memory back to the OS (glibc ``malloc_trim``: every
+    arena, holes included); False where there is no such call."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def fingerprint(**facts: Any) -> str:
@@ -119,7 +159,12 @@ class ContextCache:
         self._store: PrefixStore[State] = PrefixStore(
             settings.max_entries, settings.max_bytes, on_evict=self._on_evict
         )
-        self._disk: Any = None
+        self._disk: DiskStore | None = None
+        self._persisted: set[str] = set()
+        """Keys of records known to be sound on disk in this process (written or read)."""
+        self._failures: dict[str, int] = {}
+        """Failed writes per key (a full disk is not retried after every turn)."""
+        self._trimmed_at: float | None = None
         self._counters: dict[str, float] = {}
         self._reset_counters()
         if settings.enabled and settings.dir is not None:
@@ -156,6 +201,36 @@ class ContextCache:
         finally:
             with self._lock:
                 self._store.release(entry)
+
+    def make_room(self, tokens: Sequence[int], state_size: int) -> bool:
+        """Evict what storing a snapshot of ``state_size`` bytes for ``tokens`` would
+        evict, *before* the snapshot is taken, so the process never holds the cap plus
+        one state. False (nothing evicted) when such a snapshot could not be stored."""
+        if not self.enabled or not tokens:
+            return False
+        with self._lock:
+            return self._store.make_room(tokens, snapshot_nbytes(len(tokens), state_size))
+
+    def release_memory(self) -> float | None:
+        """Hand the C heap's free memory back to the OS: at the first call (what loading
+        the models left behind), then at most every 30 s. Call it when idle. Returns
+        the seconds it took, None when it did nothing.
+
+        The cache's own states never need it (each is a memory map of its own); this is
+        for the rest of the process (the speech engines, the Python heap), whose freed
+        memory glibc otherwise keeps in its arenas for good.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._trimmed_at is not None and now - self._trimmed_at < _TRIM_EVERY_S:
+                return None
+            self._trimmed_at = now
+        started = time.perf_counter()
+        if not trim_heap():
+            return None
+        spent = time.perf_counter() - started
+        log.debug("returned free heap memory to the OS in %.1f ms", spent * 1000)
+        return spent
 
     def store(
         self, tokens: Sequence[int], state: State, *, pinned: bool = False, save_s: float = 0.0
@@ -232,6 +307,7 @@ class ContextCache:
             self._reset_counters()
             if disk and self._disk is not None:
                 self._disk.clear()
+                self._persisted.clear()
             return removed
 
     def _reset_counters(self) -> None:
@@ -254,80 +330,81 @@ class ContextCache:
 
     def _open_disk(self, directory: Path) -> None:
         try:
-            import diskcache
-
-            directory.mkdir(parents=True, exist_ok=True)
-            self._disk = diskcache.Cache(
-                str(directory),
-                size_limit=self.settings.disk_max_bytes,
-                eviction_policy="least-recently-used",
-            )
-        except Exception as exc:  # a cache we cannot open must not stop the assistant
-            log.warning(
-                "context cache: cannot open JARVIS_CACHE_DIR=%s (%s); continuing without "
-                "persistence. Fix the directory's permissions or set JARVIS_CACHE_DIR= to silence",
-                directory, exc,
-            )
+            self._disk = DiskStore(directory, what="context cache",
+                                   size_limit=self.settings.disk_max_bytes)
+        except StoreUnavailable as exc:  # a cache we cannot open must not stop the assistant
+            log.warning("context cache: %s; continuing without persistence "
+                        "(set JARVIS_CACHE_DIR= to silence this)", exc)
             self._disk = None
 
     def _key(self, tokens: Sequence[int]) -> str:
         digest = hashlib.sha256(array("i", tokens).tobytes()).hexdigest()[:32]
         return f"ctx:{self.fingerprint}:{digest}"
 
+    def _disk_failed(self, doing: str, exc: Exception) -> None:
+        """Count a failed disk operation and say so (a healed corrupt database has
+        already been reported by the store)."""
+        self._counters["disk_errors"] += 1
+        if not isinstance(exc, CorruptStoreError):
+            log.warning("context cache: could not %s in %s (%s)", doing, self.settings.dir, exc)
+
     def persist(self, tokens: Sequence[int], state: State, *, kind: str = "conversation") -> bool:
         """Write ``state`` for ``tokens`` to disk; False (logged) when that fails."""
-        if self._disk is None:
+        disk = self._disk
+        if disk is None:
             return False
-        record = {
-            "version": RECORD_VERSION,
-            "fingerprint": self.fingerprint,
-            "kind": kind,
-            "tokens": array("i", tokens).tobytes(),
-            "sha256": hashlib.sha256(state).hexdigest(),
-            "state": bytes(state),  # a snapshot may be a bytearray
-            "saved_at": time.time(),
-        }
+        key = self._key(tokens)
         try:
-            self._disk.set(self._key(tokens), pickle.dumps(record, protocol=5))
+            record = RecordWriter(kind=kind, fingerprint=self.fingerprint,
+                                  tokens=tuple(tokens), state=state)
+            disk.set(key, record, read=True)
             if kind == "system":
-                self._disk.set(f"system:{self.fingerprint}", self._key(tokens))
+                disk.set(f"system:{self.fingerprint}", key)
             else:
-                recent = self._disk.get(f"recent:{self.fingerprint}", default=[])
-                key = self._key(tokens)
-                recent = [key] + [k for k in recent if k != key]
-                self._disk.set(f"recent:{self.fingerprint}", recent[:1000])
-        except Exception as exc:
-            self._counters["disk_errors"] += 1
-            log.warning("context cache: could not write to %s (%s)", self.settings.dir, exc)
+                recent = [key] + [k for k in self._recent_keys() if k != key]
+                disk.set(f"recent:{self.fingerprint}", "\n".join(recent[:1000]).encode("ascii"))
+        except (StoreError, OSError, ValueError, TypeError) as exc:
+            self._disk_failed("write a saved context", exc)
+            self._failures[key] = self._failures.get(key, 0) + 1
             return False
+        self._persisted.add(key)
         self._counters["disk_writes"] += 1
         return True
 
+    def _recent_keys(self) -> list[str]:
+        """The recent-conversation keys, newest first (bytes: one key per line)."""
+        assert self._disk is not None
+        raw = self._disk.get(f"recent:{self.fingerprint}")
+        if not isinstance(raw, bytes):
+            return []
+        return [k for k in raw.decode("ascii", "replace").split("\n") if _KEY_RE.fullmatch(k)]
+
     def has_persisted(self, tokens: Sequence[int]) -> bool:
+        """True when a sound record of ``tokens`` is known to be on disk, written or read
+        by this process (a record deleted behind its back is noticed at the next start
+        and written again), or when writing it failed too often to try again."""
         if self._disk is None:
             return False
-        try:
-            return self._key(tokens) in self._disk
-        except Exception:
-            return False
+        key = self._key(tokens)
+        return key in self._persisted or self._failures.get(key, 0) >= _MAX_WRITE_FAILURES
 
     def load_persisted(self, *, kind: str = "system", limit: int = 1) -> int:
         """Load persisted states of ``kind`` into RAM (system prompt pinned).
 
-        Every record is verified (version, fingerprint, token ids, checksum); a bad one
-        is deleted and counted as a miss with a warning. Returns entries loaded.
+        Every record is verified (checksum first, then version, fingerprint, token ids);
+        a bad one is deleted and counted as a miss with a warning. Returns entries loaded.
         """
-        if self._disk is None:
+        disk = self._disk
+        if disk is None:
             return 0
         try:
             if kind == "system":
-                key = self._disk.get(f"system:{self.fingerprint}")
-                keys = [key] if key else []
+                key = disk.get(f"system:{self.fingerprint}")
+                keys = [key] if isinstance(key, str) and _KEY_RE.fullmatch(key) else []
             else:
-                keys = list(self._disk.get(f"recent:{self.fingerprint}", default=[]))[:limit]
-        except Exception as exc:
-            self._counters["disk_errors"] += 1
-            log.warning("context cache: cannot read %s (%s); starting cold", self.settings.dir, exc)
+                keys = self._recent_keys()[:limit]
+        except (StoreError, OSError) as exc:
+            self._disk_failed("read the saved contexts", exc)
             return 0
         if not keys:
             self._counters["disk_misses"] += 1
@@ -336,78 +413,88 @@ class ContextCache:
             return 0
         loaded = 0
         for key in keys:
-            loaded_record = self._read_record(key)
+            loaded_record = self._read_record(key, kind)
             if loaded_record is None:
                 continue
             tokens, state = loaded_record  # a disk hit, not a snapshot: not counted as a save
+            with self._lock:
+                if not self._store.make_room(tokens, state_nbytes(tokens, state)):
+                    continue
             if self._insert(tokens, state, pinned=kind == "system") is not None:
                 loaded += 1
         return loaded
 
-    def _read_record(self, key: str) -> tuple[tuple[int, ...], bytes] | None:
+    def _read_record(self, key: str, kind: str) -> tuple[tuple[int, ...], State] | None:
+        """The verified record at ``key``, or None (a miss; a bad record is deleted and
+        reported, so the state is saved again)."""
+        assert self._disk is not None
+        handle: Any = None
         try:
-            raw = self._disk.get(key)
-            if raw is None:
-                self._counters["disk_misses"] += 1
+            handle = self._disk.get(key, read=True)
+            if handle is None:
+                self._counters["disk_misses"] += 1  # e.g. evicted by the disk cap
+                log.log(logging.WARNING if kind == "system" else logging.DEBUG,
+                        "context cache: the saved %s context %s is gone from %s; it will be "
+                        "rebuilt", kind, key, self.settings.dir)
                 return None
-            record = pickle.loads(raw)
-            problem = self._validate(key, record)
-        except Exception as exc:
-            problem = f"unreadable ({type(exc).__name__}: {exc})"
+            if not hasattr(handle, "readinto"):  # a str or int where bytes belong
+                raise RecordError("unknown record format")
+            record = read_record(handle, limit=self.settings.max_bytes)
+            problem = ""
+            if record.fingerprint != self.fingerprint:
+                problem = "saved for a different model configuration"
+            elif self._key(record.tokens) != key:
+                problem = "token ids do not match the key"
+        except CorruptStoreError:
+            self._counters["disk_errors"] += 1  # healed and reported by the store
+            return None
+        except (StoreError, RecordError, OSError) as exc:
+            problem = str(exc)
+        finally:
+            if handle is not None and hasattr(handle, "close"):
+                handle.close()
         if problem:
             self._counters["disk_errors"] += 1
             log.warning(
                 "context cache: ignoring saved context %s in %s: %s; it will be rebuilt",
                 key, self.settings.dir, problem,
             )
-            with suppress(Exception):
+            with suppress(StoreError, OSError):
                 self._disk.delete(key)
             return None
         self._counters["disk_hits"] += 1
-        tokens = tuple(array("i", record["tokens"]))
-        return tokens, record["state"]
-
-    def _validate(self, key: str, record: Any) -> str:
-        """Empty string when ``record`` is a sound state for this configuration."""
-        if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
-            return "unknown record format"
-        if record.get("fingerprint") != self.fingerprint:
-            return "saved for a different model configuration"
-        state, tokens = record.get("state"), record.get("tokens")
-        if not isinstance(state, bytes) or not isinstance(tokens, bytes) or not tokens:
-            return "missing fields"
-        if len(tokens) % array("i").itemsize:
-            return "truncated token ids"
-        if hashlib.sha256(state).hexdigest() != record.get("sha256"):
-            return "checksum mismatch (corrupt or truncated)"
-        if self._key(array("i", tokens)) != key:
-            return "token ids do not match the key"
-        return ""
+        self._persisted.add(key)
+        return record.tokens, record.state
 
     def close(self) -> None:
         if self._disk is not None:
-            with suppress(Exception):
-                self._disk.close()
+            self._disk.close()
             self._disk = None
 
 
 def disk_usage(settings: CacheSettings) -> dict[str, Any]:
-    """What the persistent cache holds, for ``jarvis cache stats`` (no model needed)."""
-    cache = ContextCache(settings)
-    disk = cache._disk
+    """What the persistent cache holds, for ``jarvis cache stats`` (no model needed).
+    A corrupt database is moved aside and rebuilt on the way (and reported)."""
     info: dict[str, Any] = {"dir": str(settings.dir), "max_bytes": settings.disk_max_bytes}
-    if disk is None:
-        info["status"] = "unavailable"
+    if settings.dir is None:
+        info["status"] = "off"
         return info
     try:
-        keys = [k for k in disk.iterkeys() if isinstance(k, str)]
+        disk = DiskStore(settings.dir, what="context cache", size_limit=settings.disk_max_bytes)
+    except StoreUnavailable as exc:
+        info["status"] = f"unavailable: {exc}"
+        return info
+    try:
+        keys = disk.keys()
         info.update(
-            status="ok",
-            bytes_on_disk=int(disk.volume()),
+            status="rebuilt (the database was corrupt)" if disk.healed else "ok",
+            bytes_on_disk=disk.volume(),
             contexts=sum(k.startswith("ctx:") for k in keys),
             system_prompts=sum(k.startswith("system:") for k in keys),
             configurations=len({k.split(":")[1] for k in keys if k.startswith("ctx:")}),
         )
+    except (StoreError, OSError) as exc:
+        info["status"] = f"unreadable: {exc}"
     finally:
-        cache.close()
+        disk.close()
     return info

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from jarvis.errors import BackendError
-from jarvis.llm.cache import ContextCache, State
+from jarvis.llm.cache import ContextCache
 from jarvis.llm.prompt import common_prefix
+from jarvis.llm.records import State, new_state_buffer
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class KvState:
         self._llm = llm
         self._lib = lib
         self.cache = cache
+        self._system_unfit = False
+        """The system prompt's state is larger than the byte cap: not cached, not saved."""
         self._inexact_from: int | None = None
         """Live positions from here on hold KV slid back over dropped turns (see
         :meth:`_slide`): valid for this conversation, but not what a fresh evaluation of
@@ -132,9 +135,7 @@ class KvState:
             llm.reset()
             self._inexact_from = None
             llm.eval(list(prefix))
-            state = self.snapshot()
-            self.cache.store(prefix, state, pinned=True)
-            self.cache.persist(prefix, state, kind="system")
+            self._save_system(prefix)
 
     def truncate(self, n: int) -> None:
         """Keep only the first ``n`` tokens of the live context."""
@@ -156,25 +157,32 @@ class KvState:
         if self.cache.covers(tokens):
             return False
         t = time.perf_counter()
+        if not self.cache.make_room(tokens, self.state_size()):
+            return False  # it could not be kept: do not take it
         state = self.snapshot()
         self.cache.store(tokens, state, save_s=time.perf_counter() - t)
         return True
 
-    def snapshot(self) -> bytearray:
+    def state_size(self) -> int:
+        """Bytes a snapshot of the live context takes."""
+        return int(self._lib.llama_state_seq_get_size(self._llm.ctx, 0))
+
+    def snapshot(self) -> memoryview:
         """The KV state of sequence 0 (no logits: we always re-evaluate one token).
 
-        Written straight into the bytearray that the cache keeps: fresh memory costs a
-        page fault per 4 KiB, and a second copy of ~30 MB doubled the time a switch of
-        conversations spends saving (measured 50 ms → 27 ms here)."""
+        Written straight into the memory the cache keeps, a memory map of its own (see
+        :func:`~jarvis.llm.records.new_state_buffer`): fresh pages cost a fault per
+        4 KiB, but no zeroing and no second copy (a copy of ~30 MB doubled the time a
+        switch of conversations spends saving, 27 ms → 50 ms here), and the pages go
+        back to the OS when the entry is evicted."""
         lib, ctx = self._lib, self._llm.ctx
-        size = lib.llama_state_seq_get_size(ctx, 0)
-        state = bytearray(size)
+        size = self.state_size()
+        state = new_state_buffer(size)
         written = lib.llama_state_seq_get_data(ctx, (ctypes.c_uint8 * size).from_buffer(state),
                                                size, 0)
         if written == 0:
             raise BackendError("llama.cpp returned an empty state snapshot")
-        del state[written:]
-        return state
+        return state[:written]
 
     def restore(self, tokens: tuple[int, ...], state: State, keep: int) -> bool:
         """Load ``state`` (the KV of ``tokens``) and cut it back to ``keep`` tokens.
@@ -183,11 +191,12 @@ class KvState:
         mem = lib.llama_get_memory(llm.ctx)
         lib.llama_memory_clear(mem, False)  # the cells only: zeroing ~100 MB took ~12 ms
         src: Any
-        if isinstance(state, bytearray):  # a snapshot taken here: no copy needed
-            src = (ctypes.c_uint8 * len(state)).from_buffer(state)
-        else:  # read from disk
-            src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
-        if lib.llama_state_seq_set_data(llm.ctx, src, len(state), 0) != len(state):
+        view = memoryview(state)
+        if not view.readonly:  # a snapshot or a record read from disk: no copy
+            src = (ctypes.c_uint8 * len(view)).from_buffer(view)
+        else:
+            src = ctypes.cast(ctypes.c_char_p(bytes(view)), ctypes.POINTER(ctypes.c_uint8))
+        if lib.llama_state_seq_set_data(llm.ctx, src, len(view), 0) != len(view):
             log.warning("context cache: llama.cpp rejected a saved state of %d tokens; "
                         "evaluating the prompt instead", len(tokens))
             lib.llama_memory_clear(mem, False)
@@ -211,6 +220,7 @@ class KvState:
         if (
             not self.cache.persistent
             or not prefix
+            or self._system_unfit
             or self.cache.has_persisted(prefix)
             or common_prefix(llm.input_ids[: llm.n_tokens], prefix) != len(prefix)
             or (self._inexact_from is not None and self._inexact_from < len(prefix))
@@ -218,6 +228,19 @@ class KvState:
             return
         self.store_live()  # keep the conversation restorable before cutting it back
         self.truncate(len(prefix))
+        self._save_system(prefix)
+
+    def _save_system(self, prefix: tuple[int, ...]) -> None:
+        """Snapshot the live context (exactly ``prefix``, the system prompt): pinned in
+        memory and persisted on disk. A state larger than the byte cap is neither (it
+        could never be loaded), once said."""
+        if not self.cache.make_room(prefix, self.state_size()):
+            if not self._system_unfit:
+                log.info("context cache: the system prompt's state (%.0f MiB) does not fit "
+                         "JARVIS_MAX_CACHE_BYTES; it is evaluated at each start",
+                         self.state_size() / (1 << 20))
+            self._system_unfit = True
+            return
         state = self.snapshot()
         self.cache.store(prefix, state, pinned=True)
         self.cache.persist(prefix, state, kind="system")

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from jarvis.config import CacheSettings, LlmSettings
@@ -138,7 +138,10 @@ class LlamaCppBackend:
             raise BackendClosedError("the llama.cpp backend is closed")
         if not messages:
             raise ValueError("stream_chat needs at least one message")
-        return LlamaTokenStream(self, messages, options or GenerationOptions())
+        options = options or GenerationOptions()
+        if isinstance(options.grammar, str):  # GBNF text: compile it for llama.cpp
+            options = replace(options, grammar=compile_gbnf(options.grammar))
+        return LlamaTokenStream(self, messages, options)
 
     async def complete(
         self, messages: Sequence[ChatMessage], options: GenerationOptions | None = None
@@ -207,3 +210,11 @@ class LlamaCppBackend:
             "load_s": round(self.load_s, 3),
             "warmup_s": round(self.warmup_s, 3),
         }
+
+
+def compile_gbnf(gbnf: str) -> Any:
+    """GBNF text -> the ``llama_cpp.LlamaGrammar`` the engine samples with (a holder of
+    the text: the sampler is built per request, so one object may serve many)."""
+    from llama_cpp import llama_grammar
+
+    return llama_grammar.LlamaGrammar.from_string(gbnf, verbose=False)

@@ -211,6 +211,43 @@ class PrefixStore(Generic[P]):
         self._enforce_caps(protect=entry)
         return entry
 
+    def make_room(self, tokens: Sequence[int], nbytes: int) -> bool:
+        """Evict now what inserting ``nbytes`` for ``tokens`` would evict, so the payload
+        can be produced without the store ever holding more than its caps.
+
+        The order is :meth:`insert`'s, with held entries whose tokens are a strict prefix
+        of ``tokens`` counted as redundant already (the new entry will serve them).
+        False, with nothing evicted, when the insert would be refused anyway.
+        """
+        key = tuple(int(t) for t in tokens)
+        if not key:
+            raise ValueError("tokens must not be empty")
+        node = self._find_node(key)
+        old = node.entry if node is not None else None
+        if (
+            nbytes > self._max_bytes
+            or (old is not None and old.in_use)
+            or self._in_use_count + 1 > self._max_entries
+            or self._in_use_bytes + nbytes > self._max_bytes
+        ):
+            return False
+        held = self._nbytes - (old.nbytes if old is not None else 0)
+        count = len(self._entries) - (old is not None)
+        if count + 1 <= self._max_entries and held + nbytes <= self._max_bytes:
+            return True
+        prefixes = self._prefix_entries(key)
+        while count + 1 > self._max_entries or held + nbytes > self._max_bytes:
+            victim = self._pick_victim(old, redundant=prefixes)
+            if victim is None:  # cannot happen given the checks above; be safe
+                return False
+            self._detach(victim)
+            self._evictions += 1
+            held -= victim.nbytes
+            count -= 1
+            if self._on_evict is not None:
+                self._on_evict(victim)
+        return True
+
     def longest_prefix(self, query: Sequence[int], *, touch: bool = True) -> Match[P] | None:
         """The entry serving the most leading tokens of ``query``, or None if none shares one.
 
@@ -388,8 +425,23 @@ class PrefixStore(Generic[P]):
             if self._on_evict is not None:
                 self._on_evict(victim)
 
-    def _pick_victim(self, protect: Entry[P] | None) -> Entry[P] | None:
-        """The next entry to evict by the documented order; O(number of nodes)."""
+    def _prefix_entries(self, key: tuple[int, ...]) -> set[Entry[P]]:
+        """Held entries whose tokens are a strict prefix of ``key``."""
+        found: set[Entry[P]] = set()
+        node, depth = self._root, 0
+        while depth < len(key):
+            child = node.children.get(key[depth])
+            if child is None or key[depth : depth + len(child.label)] != child.label:
+                break
+            node, depth = child, depth + len(child.label)
+            if node.entry is not None and depth < len(key):
+                found.add(node.entry)
+        return found
+
+    def _pick_victim(self, protect: Entry[P] | None,
+                     redundant: set[Entry[P]] | None = None) -> Entry[P] | None:
+        """The next entry to evict by the documented order (entries in ``redundant``
+        count as redundant); O(number of nodes)."""
         nodes = self._nodes()
         newest: dict[_Node[P], int] = {}  # most recent tick in each subtree
         victim: Entry[P] | None = None
@@ -400,7 +452,8 @@ class PrefixStore(Generic[P]):
             newest[node] = below if entry is None else max(below, entry.last_used)
             if entry is None or entry.in_use or entry is protect:
                 continue
-            klass = 2 if entry.pinned else 0 if below > entry.last_used else 1
+            klass = (2 if entry.pinned else
+                     0 if below > entry.last_used or (redundant and entry in redundant) else 1)
             if (klass, entry.last_used) < victim_key:
                 victim, victim_key = entry, (klass, entry.last_used)
         return victim

@@ -14,7 +14,7 @@ from jarvis.devices.device_map import DeviceMap, load_device_map
 from jarvis.devices.handler import DeviceHandler
 from jarvis.latency import LatencyTracker
 from jarvis.llm.base import LLMBackend
-from jarvis.llm.llama_cpp import LlamaCppBackend
+from jarvis.llm.remote_fallback import Backend, select_backend
 from jarvis.speech.asr import WhisperAsr
 from jarvis.speech.phrase_cache import phrase_cache_dir
 from jarvis.speech.silero import Endpointer
@@ -32,7 +32,9 @@ class Assistant:
     """The loaded engines, the responder every entry point uses, and the voice
     pipeline (None when built without speech)."""
 
-    backend: LlamaCppBackend
+    backend: Backend
+    """The in-process engine, the LLM server (``JARVIS_LLM_URL``), or the server with
+    the in-process model as fallback (``JARVIS_LLM_FALLBACK=local``)."""
     responder: Responder
     tracker: LatencyTracker
     devices: DeviceHandler
@@ -64,7 +66,7 @@ async def build_assistant(settings: Settings, *, listen: bool = True, speak: boo
     ``listen=False`` skips the VAD model and ASR is kept only for ``converse``-style
     turns; ``speak=False`` skips ASR and TTS altogether (text turns only)."""
     started = time.monotonic()
-    backend = LlamaCppBackend(settings.llm, settings.cache, prefill_system=prefill_system)
+    backend = select_backend(settings.llm, settings.cache, prefill_system=prefill_system)
     asr = WhisperAsr(settings.asr) if speak else None
     tts = PiperTts(settings.tts, phrase_cache_dir(settings.cache.dir)) if speak else None
     endpointer = Endpointer(settings.vad) if listen and speak else None

@@ -1,7 +1,8 @@
 """Real-broker helpers for the MQTT tests: a real mosquitto on a free 127.0.0.1 port
 with its own config and persistence, an event loop in a thread for the module-scoped
 bridge and backend, a probe client that records what is published, a TCP relay that
-can cut the line, and a hub (the MQTT frontend over the one responder) on a bridge.
+can cut the line, a hub (the MQTT frontend over the one responder) on a bridge, and a
+real ``jarvis hub`` process whose output can be waited on.
 
 The fixtures built on these (``mosquitto``, ``loop_thread``, ``backend``) are in
 ``tests/conftest.py``.
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -270,7 +272,9 @@ class Relay:
     (as a pulled cable would, so the broker publishes last wills), ``block()`` also
     refuses new ones until ``unblock()``. With ``swallow_subscribe`` set, a client's
     SUBSCRIBE never reaches the broker (``subscribe_swallowed`` is set), so the client
-    waits for its SUBACK: a way to catch it in the middle of setting up a session."""
+    waits for its SUBACK: a way to catch it in the middle of setting up a session. With
+    ``refuse_mqtt5`` set, it plays an old broker: an MQTT 5 CONNECT is refused with
+    "unacceptable protocol version" (``refused_mqtt5`` counts them)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -279,6 +283,8 @@ class Relay:
         self._writers: set[asyncio.StreamWriter] = set()
         self.swallow_subscribe = False
         self.subscribe_swallowed = asyncio.Event()
+        self.refuse_mqtt5 = False
+        self.refused_mqtt5 = 0
 
     async def start(self) -> Relay:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -301,6 +307,11 @@ class Relay:
                     if upstream and self.swallow_subscribe and data[:1] == b"\x82":
                         self.subscribe_swallowed.set()
                         continue
+                    if upstream and self.refuse_mqtt5 and _mqtt_level(data) == 5:
+                        self.refused_mqtt5 += 1
+                        writer.write(b"\x20\x02\x00\x01")  # CONNACK: bad protocol version
+                        await writer.drain()
+                        break
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
@@ -327,6 +338,17 @@ class Relay:
         self.cut()
         if self._server is not None:
             self._server.close()
+
+
+def _mqtt_level(data: bytes) -> int | None:
+    """The protocol level of a CONNECT packet (4: MQTT 3.1.1, 5: MQTT 5), else None."""
+    if data[:1] != b"\x10":
+        return None
+    i = 1
+    while i < len(data) and data[i] & 0x80:  # the remaining length, a varint
+        i += 1
+    i += 1  # then the protocol name: 2 bytes of length, b"MQTT", then the level
+    return data[i + 6] if len(data) > i + 6 and data[i + 2:i + 6] == b"MQTT" else None
 
 
 FAST = BridgeOptions(backoff_initial_s=0.05, backoff_max_s=0.5, flush_timeout_s=2.0,
@@ -373,3 +395,99 @@ async def start_hub(backend: Any, settings: Settings, *, options: BridgeOptions 
 
 def loads(payload: bytes) -> Any:
     return json.loads(payload.decode("utf-8"))
+
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+EXAMPLE_DEVICES = ROOT / "config" / "devices.example.toml"
+
+
+def process_env(broker: Mosquitto, tmp: Path, **env: str) -> dict[str, str]:
+    """The environment of a real ``jarvis hub`` on ``broker``: the starter model, greedy,
+    4 tokens a reply, the example device map, caches (and the MQTT ledger) in ``tmp``,
+    plus ``env`` (names without the JARVIS_ prefix). Nothing from the developer's
+    JARVIS_* variables or .env. One model thread: llama.cpp's threads wait for each other
+    by spinning, which on cores shared with the rest of the suite (and the broker, and
+    the test) turns a 0.3 s reply into 20 s now and then."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
+    environ.update({
+        "JARVIS_MQTT_HOST": "127.0.0.1", "JARVIS_MQTT_PORT": str(broker.port),
+        "JARVIS_CACHE_DIR": str(tmp / "cache"), "JARVIS_TEMPERATURE": "0",
+        "JARVIS_MAX_TOKENS": "4", "JARVIS_WARMUP": "false", "JARVIS_N_THREADS": "1",
+        "JARVIS_SYSTEM_PROMPT": TEST_SYSTEM_PROMPT, "JARVIS_DEVICES_FILE": str(EXAMPLE_DEVICES),
+        "JARVIS_ENV_FILE": str(_empty_env(tmp)), "PYTHONPATH": str(ROOT),
+    })
+    environ.update({f"JARVIS_{k}": v for k, v in env.items()})
+    return environ
+
+
+def _empty_env(tmp: Path) -> Path:
+    path = tmp / "empty.env"
+    path.touch()
+    return path
+
+
+class HubProcess:
+    """A real ``jarvis hub`` (``python -m jarvis hub``, or ``script`` run with ``-c`` for
+    fault injection), its output (stdout and stderr) collected line by line. Create it
+    on a running event loop: :meth:`wait_line` waits on that loop."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, *, script: str | None = None) -> None:
+        command = [sys.executable, "-c", script] if script else [sys.executable, "-m",
+                                                                    "jarvis", "hub"]
+        self.lines: list[str] = []
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self.proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+            self._notify()
+        self._notify()
+
+    def _notify(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the test's loop is already closed
+            self._loop.call_soon_threadsafe(self._changed.set)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait_line(self, text: str, *, timeout: float = 60.0, start: int = 0) -> int:
+        """The index of the first output line from ``start`` on that contains ``text``."""
+        deadline = time.monotonic() + timeout
+        index = start
+        while True:
+            while index < len(self.lines):
+                if text in self.lines[index]:
+                    return index
+                index += 1
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(f"the hub exited ({self.proc.returncode}) before "
+                                     f"printing {text!r}:\n{self.output[-3000:]}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no line with {text!r}:\n{self.output[-3000:]}")
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    async def exit_code(self, timeout: float = 60.0) -> int:
+        """Wait for the process to end; its exit status (negative: killed by a signal)."""
+        code = await asyncio.to_thread(self.proc.wait, timeout)
+        await asyncio.to_thread(self._reader.join, 5)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL, if still running (cleanup)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

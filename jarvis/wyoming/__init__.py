@@ -1,0 +1,17 @@
+"""Jarvis as a Wyoming server for Home Assistant's voice stack (and any Wyoming client).
+
+::
+
+    protocol.py   the wire format, read strictly (errors say what was wrong)
+    info.py       what ``describe`` is answered with: asr, tts, handle
+    asr.py        an audio stream in any PCM format → 16 kHz mono for whisper
+    tts.py        ``synthesize`` and the ``synthesize-start/-chunk/-stop`` stream
+    handle.py     ``transcript`` → a Turn for the one responder → ``handled``
+    handler.py    one connection: events in, answers out, bad input refused
+    server.py     the listening socket, connections, zeroconf; start_wyoming()
+    zeroconf.py   mDNS advertisement so Home Assistant discovers the server
+
+This package sits beside :mod:`jarvis.home` (neither imports the other): device
+commands reach MQTT through the responder's actuator, which the MQTT bridge sets when
+the entry point runs one.
+"""

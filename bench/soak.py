@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import ctypes.util
+import functools
 import json
 import os
 import sys
@@ -93,11 +93,17 @@ class _MallInfo2(ctypes.Structure):
         "fordblks", "keepcost")]
 
 
+@functools.cache
+def _libc() -> Any:
+    """The C library's symbols (those of the running process)."""
+    return ctypes.CDLL(None)
+
+
 def malloc_info() -> dict[str, int]:
-    """glibc's view of the heap: bytes in use, free but kept, and in mmapped chunks."""
+    """glibc's view of the heap (every arena): bytes in use, free but kept (resident
+    unless trimmed), and in malloc's own mmapped blocks."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2
+        fn = _libc().mallinfo2
     except (OSError, AttributeError):
         return {}
     fn.restype = _MallInfo2
@@ -108,7 +114,7 @@ def malloc_info() -> dict[str, int]:
 def malloc_trim() -> float | None:
     """glibc ``malloc_trim(0)``: free heap memory back to the OS; seconds it took."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        trim = _libc().malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]

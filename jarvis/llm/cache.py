@@ -51,7 +51,7 @@ slot and a 32-byte int object per id) and the radix tree's edge labels (8 bytes)
 _PER_ENTRY_OVERHEAD = 1024
 _KEY_RE = re.compile(r"ctx:[0-9a-f]{32}:[0-9a-f]{32}")
 _MAX_WRITE_FAILURES = 3
-_TRIM_EVERY_S = 30.0
+_TRIM_EVERY_S = 5.0
 """Ask the C allocator to return its free memory to the OS at most this often."""
 
 
@@ -213,8 +213,9 @@ class ContextCache:
 
     def release_memory(self) -> float | None:
         """Hand the C heap's free memory back to the OS: at the first call (what loading
-        the models left behind), then at most every 30 s. Call it when idle. Returns
-        the seconds it took, None when it did nothing.
+        the models left behind), then at most every 5 s (a few ms each time here). The
+        backend calls it after each turn's housekeeping, outside the engine lock.
+        Returns the seconds it took, None when it did nothing.
 
         The cache's own states never need it (each is a memory map of its own); this is
         for the rest of the process (the speech engines, the Python heap), whose freed

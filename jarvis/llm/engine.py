@@ -266,9 +266,7 @@ class LlamaEngine:
            conversation up to where the next user turn's words begin (or the history
            given to :meth:`prepare`), restoring the best cached prefix first;
         2. snapshot the conversation into the cache, so switching back restores it;
-        3. make sure the system prompt's state is on disk for the next start;
-        4. now and then (at most every 30 s), hand the C heap's free memory back to
-           the OS.
+        3. make sure the system prompt's state is on disk for the next start.
         """
         with self._lock:
             loaded = self._loaded
@@ -283,7 +281,6 @@ class LlamaEngine:
                         loaded.kv.evaluate(target)
                 loaded.kv.store_live()
                 loaded.kv.persist_system_prefix(self._system_prefix)
-                self.cache.release_memory()
             except Exception:  # only speed is at stake: log and carry on
                 log.exception("context cache: housekeeping after a turn failed")
 

@@ -186,6 +186,8 @@ class LlamaCppBackend:
             return
         async with self._lock:
             await asyncio.to_thread(self.engine.housekeeping)
+        # Outside the engine lock: a request that arrives meanwhile is not held up.
+        await asyncio.to_thread(self.cache.release_memory)
 
     def prepare(self, history: Sequence[ChatMessage]) -> None:
         """The next request will start with ``history``: evaluate it while idle."""

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from jarvis.config import CacheSettings, LlmSettings
@@ -18,18 +18,9 @@ from jarvis.errors import BackendClosedError
 from jarvis.llm.base import ChatMessage, GenerationOptions, GenerationStats
 from jarvis.llm.cache import ContextCache
 from jarvis.llm.engine import LlamaEngine
+from jarvis.llm.stream_queue import Done, Failed, PieceQueue, pieces
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Done:
-    stats: GenerationStats
-
-
-@dataclass(frozen=True)
-class _Failed:
-    error: BaseException
 
 
 class LlamaTokenStream:
@@ -46,6 +37,9 @@ class LlamaTokenStream:
         self._consumed = False
         self.stats: GenerationStats | None = None
 
+    def _set_stats(self, stats: GenerationStats) -> None:
+        self.stats = stats
+
     def cancel(self) -> None:
         """Stop generating; the worker notices before the next token."""
         self._cancel.set()
@@ -58,25 +52,19 @@ class LlamaTokenStream:
 
     async def _pieces(self) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | _Done | _Failed] = asyncio.Queue()
+        queue: PieceQueue = asyncio.Queue()
 
         def emit(piece: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, piece)
 
         def done(stats: GenerationStats) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, _Done(stats))
+            loop.call_soon_threadsafe(queue.put_nowait, Done(stats))
 
         self._backend._submit(self._messages, self._options, emit, done, self._cancel,
                               self._t0, queue)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, _Done):
-                    self.stats = item.stats
-                    return
-                if isinstance(item, _Failed):
-                    raise item.error
-                yield item
+            async for piece in pieces(queue, self._set_stats):
+                yield piece
         finally:
             # Early exit, an exception or task cancellation: stop the worker promptly.
             self._cancel.set()
@@ -165,7 +153,7 @@ class LlamaCppBackend:
                     await asyncio.to_thread(self.engine.generate, messages, options, emit, done,
                                             cancel, t0)
             except BaseException as exc:  # delivered to the consumer, who re-raises it
-                queue.put_nowait(_Failed(exc))
+                queue.put_nowait(Failed(exc))
             finally:
                 self._streams.discard(cancel)
             self._spawn(self._idle_housekeeping())

@@ -58,6 +58,7 @@ from jarvis.llm.remote_protocol import (
     request_body,
 )
 from jarvis.llm.remote_slots import SlotTable
+from jarvis.llm.stream_queue import Done, Failed, PieceQueue, pieces
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,6 @@ WARM_REQUEST = "Hello."
 """The user turn sent with the system prompt to evaluate it into a slot."""
 MAX_BACKOFF_S = 8.0
 _ERROR_BODY_LIMIT = 16_384
-
-
-@dataclass(frozen=True)
-class _Done:
-    stats: GenerationStats
-
-
-@dataclass(frozen=True)
-class _Failed:
-    error: BaseException
 
 
 @dataclass
@@ -138,6 +129,9 @@ class RemoteTokenStream:
         self.ttft: float | None = None
         self.stats: GenerationStats | None = None
 
+    def _set_stats(self, stats: GenerationStats) -> None:
+        self.stats = stats
+
     def cancel(self) -> None:
         """Stop: the reading task is cancelled, its connection closed. ``stats`` are
         set at once (a cancelled reply gets no timings from the server)."""
@@ -156,21 +150,15 @@ class RemoteTokenStream:
         return self._pieces()
 
     async def _pieces(self) -> AsyncIterator[str]:
-        queue: asyncio.Queue[str | _Done | _Failed] = asyncio.Queue()
+        queue: PieceQueue = asyncio.Queue()
         if self._cancelled:
             self.stats = GenerationStats(0, 0, 0, "cancelled", None, 0.0)
             return
         self._task = self._backend._spawn(self._backend._run(self, self._messages,
                                                              self._options, queue))
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, _Done):
-                    self.stats = item.stats
-                    return
-                if isinstance(item, _Failed):
-                    raise item.error
-                yield item
+            async for piece in pieces(queue, self._set_stats):
+                yield piece
         finally:
             self.cancel()  # early exit, an error or task cancellation: close the stream
 
@@ -490,7 +478,7 @@ class RemoteBackend:
             finish = "error"
             if isinstance(exc, ServerUnreachableError):
                 self._lost(exc)
-            queue.put_nowait(_Failed(exc))
+            queue.put_nowait(Failed(exc))
         finally:
             stats = generation_stats(tally, ttft_s=stream.ttft,
                                      total_s=time.perf_counter() - stream.t0, finish=finish)
@@ -501,7 +489,7 @@ class RemoteBackend:
                 self.cache.record(stats)
                 if slot is not None and shared and stats.cache_hit is False:
                     self._rewarm()
-                queue.put_nowait(_Done(stats))
+                queue.put_nowait(Done(stats))
             stream.stats = stream.stats or stats
 
     async def _stream(self, body: dict[str, Any], tally: Tally) -> AsyncIterator[str]:

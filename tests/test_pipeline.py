@@ -266,7 +266,9 @@ def test_wake_phrase_and_follow_up(
     assert len(wake) == 1 and "spain" in wake[0].text.lower()  # same breath: kept
     requests = [u for u, _ in history(pipeline)]
     assert len(requests) == 2
-    assert requests[0].lower().startswith("what is the capital of spain")
+    # The wake phrase is gone from the request (tiny.en may hear "of" as "at").
+    assert requests[0].lower().startswith("what is the capital") and "spain" in \
+        requests[0].lower(), requests
     # The follow-up window: no wake phrase needed (tiny.en may hear "Italy" as "the valley").
     assert requests[1].lower().startswith("and the capital"), requests
 

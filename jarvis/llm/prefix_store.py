@@ -192,14 +192,8 @@ class PrefixStore(Generic[P]):
             raise ValueError("tokens must not be empty")
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        node = self._find_node(key)
-        old = node.entry if node is not None else None
-        if (
-            nbytes > self._max_bytes
-            or (old is not None and old.in_use)
-            or self._in_use_count + 1 > self._max_entries
-            or self._in_use_bytes + nbytes > self._max_bytes
-        ):
+        admissible, old = self._admission(key, nbytes)
+        if not admissible:
             self._rejected += 1
             return None
         if old is not None:
@@ -210,6 +204,20 @@ class PrefixStore(Generic[P]):
         self._inserts += 1
         self._enforce_caps(protect=entry)
         return entry
+
+    def _admission(self, key: tuple[int, ...], nbytes: int) -> tuple[bool, Entry[P] | None]:
+        """Whether an entry of ``nbytes`` for ``key`` may be inserted at all (it fits
+        the caps beside the entries in use, and does not replace one in use), and the
+        entry it would replace."""
+        node = self._find_node(key)
+        old = node.entry if node is not None else None
+        admissible = not (
+            nbytes > self._max_bytes
+            or (old is not None and old.in_use)
+            or self._in_use_count + 1 > self._max_entries
+            or self._in_use_bytes + nbytes > self._max_bytes
+        )
+        return admissible, old
 
     def make_room(self, tokens: Sequence[int], nbytes: int) -> bool:
         """Evict now what inserting ``nbytes`` for ``tokens`` would evict, so the payload
@@ -222,14 +230,8 @@ class PrefixStore(Generic[P]):
         key = tuple(int(t) for t in tokens)
         if not key:
             raise ValueError("tokens must not be empty")
-        node = self._find_node(key)
-        old = node.entry if node is not None else None
-        if (
-            nbytes > self._max_bytes
-            or (old is not None and old.in_use)
-            or self._in_use_count + 1 > self._max_entries
-            or self._in_use_bytes + nbytes > self._max_bytes
-        ):
+        admissible, old = self._admission(key, nbytes)
+        if not admissible:
             return False
         held = self._nbytes - (old.nbytes if old is not None else 0)
         count = len(self._entries) - (old is not None)

@@ -141,8 +141,9 @@ def snapshot(a: Assistant) -> dict[str, Any]:
 
 
 def soak_settings(args: argparse.Namespace, cache_dir: Path) -> Settings:
-    env = dict(os.environ, JARVIS_CACHE_DIR=str(cache_dir),
-               JARVIS_MAX_TOKENS=str(args.max_tokens))
+    # The spoken requests carry no wake word: everything heard is answered.
+    env = {"JARVIS_WAKE_WORD": "off", **os.environ, "JARVIS_CACHE_DIR": str(cache_dir),
+           "JARVIS_MAX_TOKENS": str(args.max_tokens)}
     if args.max_cache_bytes:
         env["JARVIS_MAX_CACHE_BYTES"] = args.max_cache_bytes
     return load_settings(env)

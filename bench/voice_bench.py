@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -171,7 +172,8 @@ async def barge_ins(a: Assistant, settings: Settings, count: int, out: Path) -> 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings()
+        # The spoken requests carry no wake word: everything heard is answered.
+        settings = load_settings({"JARVIS_WAKE_WORD": "off", **os.environ})
         a = await build_assistant(settings)
         try:
             texts = [t for dialogue in DIALOGUES for t in dialogue][: args.requests]

@@ -245,6 +245,17 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _wake_word(raw: str) -> str:
+    """A wake-word model name or phrase, lower-case; "" for off (also "off", "none")."""
+    value = " ".join(raw.split()).lower()
+    return "" if value in ("off", "none", "false", "0") else value
+
+
+def _auto_bool(raw: str) -> bool | None:
+    """true/false, or None for "auto" (decided from other settings)."""
+    return None if raw.strip().lower() == "auto" else _bool(raw)
+
+
 def _url(raw: str) -> str:
     """An http(s) URL (no trailing ``/``), or empty."""
     value = raw.strip().rstrip("/")
@@ -522,11 +533,16 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("JARVIS_TTS_PHRASE_CACHE_BYTES", "tts", "phrase_cache_bytes", parse_size, "64MB",
              "disk cache for frequent short replies (\"OK.\", \"Done.\")"),
     # --- voice pipeline
-    Variable("JARVIS_BARGE_IN", "pipeline", "barge_in", _bool, "false",
-             "speaking over Jarvis stops its reply; leave off without echo cancellation, or "
-             "the speaker's own sound interrupts it"),
-    Variable("JARVIS_WAKE_WORD", "pipeline", "wake_word", _text, "",
-             "phrase that must start a request, e.g. \"hey jarvis\"; empty = always listening"),
+    Variable("JARVIS_WAKE_WORD", "pipeline", "wake_word", _wake_word, "hey_jarvis",
+             "what wakes Jarvis: a bundled wake-word model (hey_jarvis, okay_nabu, alexa, "
+             "hey_mycroft) listening on the microphone stream, or any other phrase, matched "
+             "on transcripts; off (or empty) = answer everything heard"),
+    Variable("JARVIS_ECHO_CANCEL", "pipeline", "echo_cancel", _choice("auto", "on", "off"),
+             "auto", "remove the speaker's own sound from the microphone (WebRTC AEC3); "
+             "auto = on when Jarvis plays on a speaker and listens on a microphone"),
+    Variable("JARVIS_BARGE_IN", "pipeline", "barge_in", _auto_bool, "auto",
+             "speaking over Jarvis stops its reply; auto = on with echo cancellation (without "
+             "it the speaker's own sound would interrupt it)"),
     Variable("JARVIS_FOLLOW_UP_S", "pipeline", "follow_up_s", _float(0.0, 3600.0), "8",
              "after a reply, seconds during which no wake phrase is needed"),
     Variable("JARVIS_HISTORY_TURNS", "pipeline", "history_turns", _int(0, 1000), "8",
@@ -699,12 +715,15 @@ class TtsSettings:
 class PipelineSettings:
     """The always-on voice loop."""
 
-    barge_in: bool
+    barge_in: bool | None
+    """None: on when echo cancellation is on (``JARVIS_BARGE_IN=auto``)."""
     wake_word: str
+    """A bundled wake-word model name, a phrase matched on transcripts, or "" (off)."""
     follow_up_s: float
     history_turns: int
     conversation_idle_s: float = 300.0
     repetition_guard: bool = True
+    echo_cancel: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 LLAMA_CPP_VERSION=$(sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
 # build-essential: compiles llama.cpp; libportaudio2: sounddevice; mosquitto: the real
-# broker the MQTT tests start on 127.0.0.1 (the service itself is not enabled).
-APT_PACKAGES=(build-essential libportaudio2 mosquitto)
+# broker the MQTT tests start on 127.0.0.1 (the service itself is not enabled);
+# espeak-ng: a second voice, besides piper's, for the wake-word tests and benchmark.
+APT_PACKAGES=(build-essential libportaudio2 mosquitto espeak-ng)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 

@@ -41,7 +41,9 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def make_settings(tmp_path: Path, **env: str) -> Settings:
     """Settings from defaults plus ``env`` (names without the JARVIS_ prefix)."""
-    environ = {"JARVIS_CACHE_DIR": str(tmp_path / "ctx-cache"), "JARVIS_TEMPERATURE": "0"}
+    # Most tests feed requests without a wake word; the wake-word tests set it.
+    environ = {"JARVIS_CACHE_DIR": str(tmp_path / "ctx-cache"), "JARVIS_TEMPERATURE": "0",
+               "JARVIS_WAKE_WORD": "off"}
     environ.update({f"JARVIS_{k}": v for k, v in env.items()})
     return load_settings(environ)
 

@@ -20,6 +20,7 @@ from jarvis.devices.device_map import load_device_map
 from jarvis.devices.handler import DeviceAnswer, DeviceHandler
 from jarvis.speech.silero import Endpointer
 from jarvis.speech.tts import TtsChunk, TtsError
+from jarvis.voice import listening
 from jarvis.voice.assembly import Assistant, build_assistant
 from jarvis.voice.conversations import Conversations
 from jarvis.voice.events import EventType, Outcome, TurnEvent
@@ -250,18 +251,24 @@ class _RecordingDevices:
         return await self.real.handle(text)
 
 
-def test_wake_phrase_and_follow_up(
+def test_wake_word_model_gates_asr_and_the_follow_up_needs_none(
     assistant: Assistant, loop: asyncio.AbstractEventLoop, tmp_path: Path
 ) -> None:
     audio = np.concatenate([
         silence(0.3), speech(assistant, "What is the weather like?"), silence(1.5),
-        speech(assistant, "Hey Jarvis what is the capital of Spain?"), silence(1.5),
+        speech(assistant, "Hey Jarvis, what is the capital of Spain?"),
+        silence(listening.AWAKE_S + 1.0),  # the follow-up window is all that is open then
         speech(assistant, "And the capital of Italy?"), silence(0.5),
     ])
-    pipeline, events = new_pipeline(assistant, wake_word="hey jarvis", follow_up_s=30.0)
-    loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=False),
+    pipeline, events = new_pipeline(assistant, wake_word="hey_jarvis", follow_up_s=30.0)
+    assert pipeline.front_end is not None and pipeline.front_end.gated
+    # In real time, so that the reply (and the follow-up window) comes before "Italy".
+    loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=True),
                                          WavReplySink(tmp_path / "out")))
-    assert len(ends(events, Outcome.IGNORED)) == 1  # no wake phrase: not for us
+    # Without the wake word nothing reaches ASR: no transcript, no turn at all.
+    transcripts = [e.text.lower() for e in of(events, EventType.TRANSCRIPT)]
+    assert not any("weather" in t for t in transcripts), transcripts
+    assert len(of(events, EventType.WAKE_WORD)) == 1
     wake = of(events, EventType.WAKE)
     assert len(wake) == 1 and "spain" in wake[0].text.lower()  # same breath: kept
     requests = [u for u, _ in history(pipeline)]
@@ -269,8 +276,25 @@ def test_wake_phrase_and_follow_up(
     # The wake phrase is gone from the request (tiny.en may hear "of" as "at").
     assert requests[0].lower().startswith("what is the capital") and "spain" in \
         requests[0].lower(), requests
-    # The follow-up window: no wake phrase needed (tiny.en may hear "Italy" as "the valley").
+    # The follow-up window: no wake word needed (tiny.en may hear "Italy" as "the valley").
     assert requests[1].lower().startswith("and the capital"), requests
+
+
+def test_a_custom_wake_phrase_is_matched_on_transcripts(
+    assistant: Assistant, loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    audio = np.concatenate([
+        silence(0.3), speech(assistant, "What is the weather like?"), silence(1.5),
+        speech(assistant, "Hello computer what is the capital of Spain?"), silence(0.5),
+    ])
+    pipeline, events = new_pipeline(assistant, wake_word="hello computer", follow_up_s=0.0)
+    assert pipeline.front_end is not None and not pipeline.front_end.gated
+    loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=False),
+                                         WavReplySink(tmp_path / "out")))
+    assert len(ends(events, Outcome.IGNORED)) == 1  # no wake phrase: heard, not for us
+    requests = [u for u, _ in history(pipeline)]
+    assert len(requests) == 1 and "spain" in requests[0].lower(), requests
+    assert not requests[0].lower().startswith("hello"), requests
 
 
 class _FailingOnceTts:

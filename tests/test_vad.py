@@ -18,9 +18,11 @@ from jarvis.speech.silero import FRAME, Endpointer, SileroVad
 from jarvis.speech.vad import (
     EndReason,
     FramesDropped,
+    OnsetRejected,
     PauseDetected,
     Segmenter,
     SegmenterConfig,
+    SpeechOnset,
     SpeechResumed,
     SpeechStarted,
     UtteranceEnded,
@@ -153,10 +155,22 @@ def test_a_likely_end_is_the_utterance_so_far_and_is_taken_back_if_speech_resume
     assert pause is None
 
 
+def test_an_onset_comes_first_and_a_burst_too_short_for_speech_is_rejected() -> None:
+    seg = Segmenter(config(min_speech_ms=150, silence_ms=150, max_utterance_s=5.0))
+    _, events = run(seg, [(100, 0.0), (100, 0.9), (100, 0.0), (100, 0.0), (100, 0.9),
+                          (400, 0.9), (400, 0.0)])
+    kinds = [type(e).__name__ for e in events if not isinstance(e, FramesDropped)]
+    assert kinds == ["SpeechOnset", "OnsetRejected", "SpeechOnset", "SpeechStarted",
+                     "UtteranceEnded"]
+    onsets = [e.onset_sample for e in events if isinstance(e, SpeechOnset)]
+    assert onsets == [100, 400]
+    assert [e.sample for e in events if isinstance(e, OnsetRejected)] == [400]
+
+
 def test_a_short_pause_is_a_likely_end_then_speech_resumes() -> None:
     seg = Segmenter(config(silence_ms=100, pause_ms=40))
     _, events = run(seg, [(50, 0.9), (50, 0.0), (50, 0.9), (60, 0.0), (60, 0.0)])
-    kinds = [type(e).__name__ for e in events]
+    kinds = [type(e).__name__ for e in events if not isinstance(e, SpeechOnset)]
     assert kinds == ["SpeechStarted", "PauseDetected", "SpeechResumed", "PauseDetected",
                      "UtteranceEnded"]
     first, second = (e for e in events if isinstance(e, PauseDetected))

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+import threading
+from collections import Counter, deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from jarvis.audio.devices import DeviceInfo, resolve_device, sounddevice, supported_rate
+from jarvis.audio.echo import EchoReference
 from jarvis.audio.errors import AudioDeviceError
 from jarvis.audio.formats import ASR_RATE, FloatArray, to_float32, to_int16
 from jarvis.audio.resample import Resampler
@@ -165,14 +167,23 @@ class Speaker:
     ``await speaker.play(chunks, rate)`` plays an async or plain iterable of chunks
     as they arrive and returns when the last one has been heard (or raises
     ``CancelledError`` after cutting the sound at once, for barge-in).
+
+    Samples are written in blocks of ``block_s``, so :meth:`pause` silences the speaker
+    within about one block (what the device had buffered is dropped, and played again
+    on :meth:`resume`). With a ``reference``, every block written is also pushed there:
+    the far end for echo cancellation.
     """
 
-    def __init__(self, device: str = "", *, device_rate: int | None = None) -> None:
+    def __init__(self, device: str = "", *, device_rate: int | None = None,
+                 reference: EchoReference | None = None, block_s: float = 0.02) -> None:
         self.device_spec = device
         self._forced_rate = device_rate
         self.device: DeviceInfo | None = None
         self.device_rate = 0
         self.underflows = 0
+        self.reference = reference
+        self.block_s = block_s
+        self._playback: _Playback | None = None
 
     def _open(self, rate: int) -> Any:
         sd = sounddevice()
@@ -180,7 +191,8 @@ class Speaker:
         self.device_rate = self._forced_rate or supported_rate(self.device, "output", rate)
         try:
             stream = sd.OutputStream(
-                device=self.device.index, samplerate=self.device_rate, channels=1, dtype="int16"
+                device=self.device.index, samplerate=self.device_rate, channels=1,
+                dtype="int16",
             )
             stream.start()
         except (sd.PortAudioError, ValueError) as exc:
@@ -199,6 +211,26 @@ class Speaker:
         assert self.device is not None
         return self.device
 
+    def pause(self) -> None:
+        """Go quiet now (within one block); :meth:`resume` goes on where it stopped."""
+        if self._playback is not None:
+            self._playback.running.clear()
+
+    def resume(self) -> None:
+        if self._playback is not None:
+            self._playback.running.set()
+
+    @property
+    def playing(self) -> bool:
+        """Samples are being written to the device now (not paused, not waiting for the
+        next chunk): the echo reference must be arriving."""
+        playback = self._playback
+        return playback is not None and playback.writing and playback.running.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return self._playback is not None and not self._playback.running.is_set()
+
     async def play(
         self,
         chunks: AsyncIterable[npt.ArrayLike] | Iterable[npt.ArrayLike],
@@ -207,6 +239,7 @@ class Speaker:
         """Play every chunk (mono samples at ``rate``); returns the seconds played."""
         stream = await asyncio.to_thread(self._open, rate)
         resampler = Resampler(rate, self.device_rate) if self.device_rate != rate else None
+        playback = self._playback = _Playback(stream, self.device_rate, self.block_s)
         played = 0
         finished = False
         try:
@@ -214,25 +247,95 @@ class Speaker:
                 data = np.asarray(chunk).reshape(-1)
                 if resampler is not None:
                     data = resampler.process(to_float32(data))
-                played += await asyncio.to_thread(self._write, stream, data)
+                played += await asyncio.to_thread(self._write, playback, data)
             if resampler is not None:
-                played += await asyncio.to_thread(self._write, stream, resampler.flush())
+                played += await asyncio.to_thread(self._write, playback, resampler.flush())
             finished = True
         finally:
+            playback.stopped.set()
+            playback.running.set()  # wakes a writer waiting in pause
+            if self._playback is playback:
+                self._playback = None
+            if not finished and self.reference is not None:
+                self.reference.clear()  # cut: what was queued will never be heard
             # stop() waits until everything written has been played; abort() cuts it.
             await asyncio.shield(asyncio.to_thread(_close_stream, stream, not finished))
         return played / self.device_rate
 
-    def _write(self, stream: Any, data: npt.ArrayLike) -> int:
-        pcm = to_int16(data)
-        if not len(pcm):
-            return 0
-        if stream.write(pcm.reshape(-1, 1)):
-            self.underflows += 1
-        return len(pcm)
+    def _write(self, playback: _Playback, data: npt.ArrayLike) -> int:
+        playback.writing = True
+        try:
+            return self._write_blocks(playback, to_int16(data))
+        finally:
+            playback.writing = False
+
+    def _write_blocks(self, playback: _Playback, pcm: npt.NDArray[np.int16]) -> int:
+        written = 0
+        for start in range(0, len(pcm), playback.block):
+            if not playback.running.is_set():
+                self._hold(playback)
+            if playback.stopped.is_set():
+                break
+            block = pcm[start:start + playback.block]
+            if playback.stream.write(block.reshape(-1, 1)):
+                self.underflows += 1
+            if self.reference is not None:
+                self.reference.push(block, self.device_rate)
+            playback.remember(block)
+            written += len(block)
+        return written
+
+    def _hold(self, playback: _Playback) -> None:
+        """Paused: drop what the device holds, wait, then play it again and go on."""
+        stream = playback.stream
+        with contextlib.suppress(Exception):
+            stream.abort()
+        if self.reference is not None:
+            self.reference.clear()
+        playback.running.wait()
+        if playback.stopped.is_set():
+            return
+        stream.start()
+        replay = playback.unheard()
+        if len(replay):
+            stream.write(replay.reshape(-1, 1))
+            if self.reference is not None:
+                self.reference.push(replay, self.device_rate)
 
     async def play_array(self, samples: npt.ArrayLike, rate: int) -> float:
         return await self.play([samples], rate)
+
+
+class _Playback:
+    """One :meth:`Speaker.play`: its stream, its pause state and the samples written
+    last (what an abort may have dropped before they were heard)."""
+
+    def __init__(self, stream: Any, rate: int, block_s: float) -> None:
+        self.stream = stream
+        self.block = max(1, int(rate * block_s))
+        self.running = threading.Event()
+        self.running.set()
+        self.stopped = threading.Event()
+        self.writing = False
+        latency = float(getattr(stream, "latency", 0.0) or 0.0)
+        self._keep = int(latency * rate) + self.block
+        self._recent: deque[npt.NDArray[np.int16]] = deque()
+        self._recent_len = 0
+
+    def remember(self, block: npt.NDArray[np.int16]) -> None:
+        self._recent.append(block)
+        self._recent_len += len(block)
+        while self._recent and self._recent_len - len(self._recent[0]) >= self._keep:
+            self._recent_len -= len(self._recent.popleft())
+
+    def unheard(self) -> npt.NDArray[np.int16]:
+        """The last samples written: the device's buffer when it was aborted."""
+        recent = list(self._recent)
+        self._recent.clear()
+        self._recent_len = 0
+        if not recent:
+            return np.zeros(0, dtype=np.int16)
+        return np.concatenate(recent)[-self._keep:]
 
 
 async def _aiter(

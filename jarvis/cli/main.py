@@ -26,7 +26,7 @@ log = logging.getLogger("jarvis")
 _QUIET_COMMANDS = {"ask", "config", "cache"}
 
 DEMO_REQUESTS = (
-    "Hello Jarvis, what can you help me with?",
+    "Hey Jarvis, what can you help me with?",
     "What's the capital of France?",
     "And roughly how many people live there?",
     "Give me a quick tip for sleeping better.",
@@ -373,14 +373,31 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
+    from jarvis.audio.errors import AudioDeviceError
     from jarvis.audio.files import file_source
     from jarvis.audio.stream import Microphone
     from jarvis.voice.assembly import build_assistant
+    from jarvis.voice.sinks import SilentSink, SpeakerSink
     from jarvis.wyoming.server import WyomingServer, start_wyoming
 
-    assistant = await build_assistant(settings)
+    speaker = args.output is None
+    if speaker:
+        try:
+            await SpeakerSink(settings.audio.output_device).check()
+        except AudioDeviceError as exc:
+            # Listening goes on: MQTT and Wyoming still get every reply as text.
+            log.warning("%s: replies are not played; echo cancellation is off", exc)
+            speaker = False
+    assistant = await build_assistant(settings, speaker=speaker,
+                                      microphone=args.input is None)
     pipeline = assistant.voice()
-    sink = _sink(settings, args.output, directory=True)
+    sink: Any
+    if speaker:
+        sink = SpeakerSink(settings.audio.output_device, reference=assistant.reference)
+    elif args.output is None:
+        sink = SilentSink()
+    else:
+        sink = _sink(settings, args.output, directory=True)
     pipeline.subscribe(_log_event)
     bridge_task: asyncio.Task[None] | None = None
     stop_bridge = asyncio.Event()

@@ -144,6 +144,9 @@ def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps({
             "devices": [asdict(d) for d in devices],
+            "listening": _listening_lines(
+                settings, speaker=isinstance(selected["output"], DeviceInfo),
+                microphone=isinstance(selected["input"], DeviceInfo)),
             **{f"selected_{k}": (v.index if isinstance(v, DeviceInfo) else None)
                for k, v in selected.items()},
             **{f"{k}_error": str(v) for k, v in selected.items() if isinstance(v, JarvisError)},
@@ -163,7 +166,21 @@ def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
     for name, value in selected.items():
         if isinstance(value, JarvisError):
             print(f"{name}: {value}", file=sys.stderr)
+    print("\nListening with these devices (jarvis run):")
+    for line in _listening_lines(settings, speaker=isinstance(selected["output"], DeviceInfo),
+                                 microphone=isinstance(selected["input"], DeviceInfo)):
+        print(f"  {line}")
     return 0
+
+
+def _listening_lines(settings: Settings, *, speaker: bool, microphone: bool) -> list[str]:
+    """Which of wake word, echo cancellation and barge-in `jarvis run` would turn on."""
+    from jarvis.voice.listening import plan_listening
+
+    try:
+        return plan_listening(settings.pipeline, speaker=speaker, microphone=microphone).lines()
+    except JarvisError as exc:
+        return [f"error: {exc}"]
 
 
 def _same(device: DeviceInfo, other: DeviceInfo | AudioDeviceError | None) -> bool:

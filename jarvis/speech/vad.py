@@ -111,8 +111,25 @@ class SpeechResumed:
     """Stream position just after the frame that resumed speech."""
 
 
+@dataclass(frozen=True)
+class SpeechOnset:
+    """A first frame judged to be speech: maybe speech, not yet :class:`SpeechStarted`
+    (that needs ``min_speech_ms`` of it). Barge-in pauses playback here, so the speaker
+    goes quiet without waiting for the confirmation."""
+
+    onset_sample: int
+
+
+@dataclass(frozen=True)
+class OnsetRejected:
+    """The sound after a :class:`SpeechOnset` was too short to be speech (a click, a
+    cough, a door): whatever was paused for it may go on."""
+
+    sample: int
+
+
 VadEvent: TypeAlias = (SpeechStarted | UtteranceEnded | FramesDropped | PauseDetected
-                       | SpeechResumed)
+                       | SpeechResumed | SpeechOnset | OnsetRejected)
 
 
 @dataclass(frozen=True)
@@ -213,6 +230,7 @@ class Segmenter:
                 self._onset = self._pos - n
                 self._speech = 0
                 self._silence = 0
+                events.append(SpeechOnset(self._onset))
             else:
                 self._silence = 0
                 events += self._trim_preroll()
@@ -225,6 +243,7 @@ class Segmenter:
             elif self._silence >= self._silence_limit or self._buffered >= self._max_len:
                 self.state = State.IDLE
                 self._silence = 0
+                events.append(OnsetRejected(self._pos))
                 events += self._trim_preroll()
                 return events
         if self.state is State.SPEECH:

@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from jarvis.audio.echo import EchoReference
 from jarvis.config import Settings
 from jarvis.devices.device_map import DeviceMap, load_device_map
 from jarvis.devices.handler import DeviceHandler
@@ -21,6 +22,7 @@ from jarvis.speech.silero import Endpointer
 from jarvis.speech.tts import PiperTts
 from jarvis.voice.conversations import Conversations
 from jarvis.voice.events import EventBus
+from jarvis.voice.listening import ListeningPlan, make_front_end, plan_listening
 from jarvis.voice.pipeline import VoicePipeline
 from jarvis.voice.responder import Responder, tracker_listener
 
@@ -42,6 +44,10 @@ class Assistant:
     tts: PiperTts | None = None
     pipeline: VoicePipeline | None = None
     ready_s: float = 0.0
+    listening: ListeningPlan | None = None
+    """Wake word, echo cancellation, barge-in: what is on and why (when listening)."""
+    reference: EchoReference | None = None
+    """What the speaker plays, for echo cancellation: give it to the speaker sink."""
 
     @property
     def bus(self) -> EventBus:
@@ -61,11 +67,16 @@ class Assistant:
 
 
 async def build_assistant(settings: Settings, *, listen: bool = True, speak: bool = True,
-                          prefill_system: bool = True) -> Assistant:
+                          prefill_system: bool = True, speaker: bool = False,
+                          microphone: bool = False) -> Assistant:
     """Load everything (in parallel worker threads) and return the ready assistant.
     ``listen=False`` skips the VAD model and ASR is kept only for ``converse``-style
-    turns; ``speak=False`` skips ASR and TTS altogether (text turns only)."""
+    turns; ``speak=False`` skips ASR and TTS altogether (text turns only). ``speaker``
+    and ``microphone``: replies are played on a loudspeaker a live microphone can hear
+    (echo cancellation is then on by default, and with it barge-in)."""
     started = time.monotonic()
+    plan = (plan_listening(settings.pipeline, speaker=speaker, microphone=microphone)
+            if listen and speak else None)  # a bad wake word or echo setting fails first
     backend = select_backend(settings.llm, settings.cache, prefill_system=prefill_system)
     asr = WhisperAsr(settings.asr) if speak else None
     tts = PiperTts(settings.tts, phrase_cache_dir(settings.cache.dir)) if speak else None
@@ -82,12 +93,23 @@ async def build_assistant(settings: Settings, *, listen: bool = True, speak: boo
     responder, tracker = make_responder(backend, settings, device_map, tts)
     devices = responder.devices
     assert devices is not None
+    reference = EchoReference() if plan is not None and plan.echo_cancel else None
+    try:
+        front = (await asyncio.to_thread(make_front_end, plan, endpointer, reference)
+                 if plan is not None and endpointer is not None else None)
+    except BaseException:
+        await backend.close()
+        raise
     pipeline = (VoicePipeline(responder, asr, settings.pipeline, endpointer=endpointer,
-                              silence_ms=settings.vad.silence_ms)
+                              front_end=front, silence_ms=settings.vad.silence_ms,
+                              barge_in=plan.barge_in if plan is not None else None)
                 if asr is not None else None)
     ready = time.monotonic() - started
     log.info("assistant ready in %.2f s", ready)
-    return Assistant(backend, responder, tracker, devices, asr, tts, pipeline, ready)
+    for line in plan.lines() if plan is not None else ():
+        log.info("%s", line)
+    return Assistant(backend, responder, tracker, devices, asr, tts, pipeline, ready,
+                     plan, reference)
 
 
 def make_responder(backend: LLMBackend, settings: Settings, device_map: DeviceMap,

@@ -58,6 +58,9 @@ class EventType(str, enum.Enum):
 
     LISTENING = "listening"
     """Waiting for speech (also after a reply)."""
+    WAKE_WORD = "wake_word"
+    """The wake-word model fired (``data['phrase']``, ``data['probability']``): the
+    endpointer listens for the request."""
     SPEECH_STARTED = "speech_started"
     SPEECH_ENDED = "speech_ended"
     """Endpoint: the utterance is complete (``data['duration_s']``)."""

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -36,11 +38,28 @@ from jarvis.config import PipelineSettings
 from jarvis.errors import JarvisError
 from jarvis.speech.asr import WhisperAsr
 from jarvis.speech.silero import Endpointer
-from jarvis.speech.vad import PauseDetected, SpeechResumed, SpeechStarted, UtteranceEnded
+from jarvis.speech.vad import (
+    OnsetRejected,
+    PauseDetected,
+    SpeechOnset,
+    SpeechResumed,
+    SpeechStarted,
+    UtteranceEnded,
+)
+from jarvis.speech.wakeword import WakeWordDetector
 from jarvis.voice.events import EventType, Listener, Outcome, Source, Stage, TurnEvent
+from jarvis.voice.listening import (
+    FrontEnd,
+    ReferenceWatch,
+    resolve_wake_word,
+    strip_wake_phrase,
+    wake_request,
+)
 from jarvis.voice.responder import AudioSink, Responder
 from jarvis.voice.turn import SpeculationGate, Turn, TurnResult
 from jarvis.voice.wake import WakePhrase
+
+log = logging.getLogger(__name__)
 
 ACKNOWLEDGEMENT = "Yes?"
 MICROPHONE_CONVERSATION = "microphone"
@@ -64,6 +83,17 @@ class Utterance:
     endpoint_silence_s: float = 0.0
     speculation: _Running | None = field(default=None, repr=False)
     """The turn already started on this utterance at its likely end, if any."""
+    woke: str = ""
+    """The wake phrase the wake-word model heard in it ("" if none)."""
+
+
+class Pausable(Protocol):
+    """A sink that can go quiet at once and go on (the speaker): barge-in pauses on the
+    first frame of possible speech, and cancels only once it is confirmed."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
 
 
 class VoicePipeline:
@@ -76,25 +106,45 @@ class VoicePipeline:
         settings: PipelineSettings,
         *,
         endpointer: Endpointer | None = None,
+        front_end: FrontEnd | None = None,
         silence_ms: int = 300,
         conversation_id: str = MICROPHONE_CONVERSATION,
         speculation_timeout_s: float = 5.0,
+        barge_in: bool | None = None,
     ) -> None:
         self.responder = responder
         self.asr = asr
         self.settings = settings
-        self.endpointer = endpointer
+        model, phrase = resolve_wake_word(settings.wake_word)
+        if front_end is None and endpointer is not None:
+            front_end = FrontEnd(endpointer,
+                                 detector=WakeWordDetector(model) if model else None)
+        self.front_end = front_end
+        self.barge_in = bool(settings.barge_in if barge_in is None else barge_in)
         self.silence_s = silence_ms / 1000.0
         self.conversation_id = conversation_id
         self.speculation_timeout_s = speculation_timeout_s
         self.muted = False
-        self.wake = WakePhrase(settings.wake_word, settings.follow_up_s)
+        # With a wake-word model the gate does the waking (and the phrase is taken off
+        # the transcript when it is there); a phrase is matched on the transcript.
+        self.wake = WakePhrase(phrase, settings.follow_up_s)
+        self.model_phrase = model.replace("_", " ") if model else ""
+        self._woke = ""
+        """The wake phrase the model heard since the last utterance ended."""
+        self._paused: tuple[Pausable, float] | None = None
+        """The sink paused for a possible barge-in, and when."""
         self._current: _Running | None = None
         self._speculation: _Running | None = None
         self.speculations = {"started": 0, "committed": 0, "abandoned": 0}
         """Turns started at a likely end, and what became of them."""
         self._busy = False
         """A turn is being handled by the turn loop."""
+
+    @property
+    def endpointer(self) -> Endpointer | None:
+        """The endpointer the front end feeds (None for a pipeline that only answers
+        given utterances)."""
+        return self.front_end.endpointer if self.front_end is not None else None
 
     # ------------------------------------------------------------------ events
 
@@ -119,7 +169,7 @@ class VoicePipeline:
         """Listen to ``source`` and answer through ``sink`` until the source ends (a
         file) or the task is cancelled (SIGINT/SIGTERM). Pending turns finish first
         when the source ends."""
-        if self.endpointer is None:
+        if self.front_end is None:
             raise JarvisError("the pipeline needs an endpointer to listen")
         utterances: asyncio.Queue[Utterance | None] = asyncio.Queue(maxsize=8)
         turns = asyncio.create_task(self._turn_loop(utterances, sink))
@@ -138,17 +188,27 @@ class VoicePipeline:
         self, source: AsyncIterable[npt.ArrayLike], out: asyncio.Queue[Utterance | None],
         sink: AudioSink,
     ) -> None:
-        endpointer = self.endpointer
-        assert endpointer is not None
-        endpointer.reset()
+        front = self.front_end
+        assert front is not None
+        front.reset()
         self._loop_event(EventType.LISTENING)
+        watch = (ReferenceWatch(front.canceller.reference)
+                 if front.canceller is not None else None)
         async for chunk in source:
             if self.muted:
                 continue
             arrived = time.monotonic()
-            for event in await asyncio.to_thread(endpointer.process, chunk):
+            front.hold_open = self.barge_in and self.speaking
+            if watch is not None and (message := watch.check(_playing(sink))):
+                log.warning("%s", message)
+            heard = await asyncio.to_thread(front.process, np.asarray(chunk, np.float32))
+            if heard.wake is not None:
+                self._woke = heard.wake.phrase
+                self._loop_event(EventType.WAKE_WORD, phrase=heard.wake.phrase,
+                                 probability=round(heard.wake.probability, 3))
+            for event in heard.events:
                 await self._on_vad(event, arrived, out, sink)
-        for event in await asyncio.to_thread(endpointer.flush):
+        for event in await asyncio.to_thread(front.flush):
             await self._on_vad(event, time.monotonic(), out, sink)
 
     async def _on_vad(
@@ -158,20 +218,38 @@ class VoicePipeline:
             if not (self._busy or self.responder.busy or self._speculation is not None
                     or out.qsize()):
                 self._speculate(Utterance(event.audio, arrived - event.silence_s,
-                                          event.silence_s), sink)
+                                          event.silence_s, woke=self._woke), sink)
         elif isinstance(event, SpeechResumed):
             await self._abandon_speculation()
+        elif isinstance(event, SpeechOnset):
+            # Possible speech over the reply: quiet at once, decide when it is confirmed.
+            if self.barge_in and self.speaking and self._paused is None and _pausable(sink):
+                sink.pause()
+                self._paused = (sink, time.monotonic())
+        elif isinstance(event, OnsetRejected):
+            self._resume_playback()
         elif isinstance(event, SpeechStarted):
             self._loop_event(EventType.SPEECH_STARTED)
-            if self.settings.barge_in and self.speaking:
-                t = time.monotonic()
+            if self.barge_in and self.speaking:
+                t = self._paused[1] if self._paused is not None else time.monotonic()
+                quiet = time.monotonic() - t if self._paused is not None else None
                 await self.cancel_reply()
-                self._loop_event(EventType.BARGE_IN, stop_s=time.monotonic() - t)
+                self._loop_event(EventType.BARGE_IN, stop_s=quiet if quiet is not None
+                                 else time.monotonic() - t, paused=quiet is not None)
+            self._resume_playback()
         elif isinstance(event, UtteranceEnded):
             silence = self.silence_s if event.reason.value == "silence" else 0.0
             self._loop_event(EventType.SPEECH_ENDED, duration_s=event.duration_s)
             speculation, self._speculation = self._speculation, None
-            await out.put(Utterance(event.audio, arrived - silence, silence, speculation))
+            woke, self._woke = self._woke, ""
+            await out.put(Utterance(event.audio, arrived - silence, silence, speculation,
+                                    woke=woke))
+
+    def _resume_playback(self) -> None:
+        """Undo a barge-in pause: the reply goes on (or, cancelled, has nothing left)."""
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused[0].resume()
 
     async def _turn_loop(self, queue: asyncio.Queue[Utterance | None], sink: AudioSink) -> None:
         while (utterance := await queue.get()) is not None:
@@ -241,6 +319,8 @@ class VoicePipeline:
         result = task.result()
         if result.outcome is Outcome.ANSWERED:
             self.wake.replied()
+            if self.front_end is not None:
+                self.front_end.open_for(self.settings.follow_up_s)
         return result
 
     async def _turn(self, utterance: Utterance, turn: Turn, sink: AudioSink) -> TurnResult:
@@ -254,7 +334,17 @@ class VoicePipeline:
         self.responder.emit(turn, EventType.TRANSCRIPT, transcript.text,
                             duration_s=transcript.duration_s)
         turn.stage = Stage.WAKE
-        request, woke = self.wake.request(transcript.text)
+        if utterance.woke:
+            # The model woke us; the transcript confirms it (or the model was fooled by
+            # "hey Janice"), and the wake phrase is taken off the request.
+            request: str | None = wake_request(transcript.text, utterance.woke)
+            woke = request is not None
+        elif self.model_phrase:
+            # No wake word needed (a follow-up, a file given as the request), but the
+            # phrase is taken off the text if it is there.
+            request, woke = strip_wake_phrase(transcript.text, self.model_phrase), False
+        else:
+            request, woke = self.wake.request(transcript.text)
         if woke:
             self.responder.emit(turn, EventType.WAKE, request or "")
         if request is None:
@@ -263,6 +353,15 @@ class VoicePipeline:
         if not request:  # the wake phrase alone: acknowledge, then listen without it
             return await self.responder.acknowledge(turn, ACKNOWLEDGEMENT, sink)
         return await self.responder.respond(turn, sink)
+
+
+def _playing(sink: object) -> bool:
+    """The sink says it is playing a reply now (the speaker does)."""
+    return bool(getattr(sink, "playing", False))
+
+
+def _pausable(sink: object) -> TypeGuard[Pausable]:
+    return callable(getattr(sink, "pause", None)) and callable(getattr(sink, "resume", None))
 
 
 async def file_chunks(audio: npt.ArrayLike, *, realtime: bool, chunk_s: float = 0.032,
@@ -283,9 +382,11 @@ async def file_chunks(audio: npt.ArrayLike, *, realtime: bool, chunk_s: float = 
 
 
 async def spoken_turns(pipeline: VoicePipeline, requests: list[npt.NDArray[np.float32]],
-                       gap_s: float = 0.8) -> AsyncIterator[npt.NDArray[np.float32]]:
+                       gap_s: float = 0.8, timeout_s: float = 60.0,
+                       ) -> AsyncIterator[npt.NDArray[np.float32]]:
     """A microphone for demos and benchmarks: each request (16 kHz) in real time, the
-    next one only after the pipeline has answered the previous one."""
+    next one only after the pipeline has answered the previous one (or after
+    ``timeout_s`` of silence: a request the wake word did not catch has no turn)."""
     answered = asyncio.Event()
 
     def on_event(event: TurnEvent) -> None:
@@ -297,7 +398,8 @@ async def spoken_turns(pipeline: VoicePipeline, requests: list[npt.NDArray[np.fl
         answered.clear()
         async for chunk in file_chunks(audio, realtime=True, tail_silence_s=0.0):
             yield chunk
-        while not answered.is_set():
+        deadline = time.monotonic() + timeout_s
+        while not answered.is_set() and time.monotonic() < deadline:
             yield np.zeros(512, dtype=np.float32)
             await asyncio.sleep(0.032)
         async for chunk in file_chunks(np.zeros(int(gap_s * ASR_RATE), np.float32),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jarvis.audio.echo import EchoReference
 from jarvis.audio.errors import AudioDeviceError
 from jarvis.audio.files import write_wav
 from jarvis.audio.stream import Speaker
@@ -17,10 +18,22 @@ from jarvis.speech.tts import TtsChunk
 
 
 class SpeakerSink:
-    """Plays replies on a sounddevice output (``JARVIS_OUTPUT_DEVICE``)."""
+    """Plays replies on a sounddevice output (``JARVIS_OUTPUT_DEVICE``); with a
+    ``reference``, what it plays is the far end for echo cancellation."""
 
-    def __init__(self, device: str = "") -> None:
-        self.speaker = Speaker(device)
+    def __init__(self, device: str = "", *, reference: EchoReference | None = None) -> None:
+        self.speaker = Speaker(device, reference=reference)
+
+    def pause(self) -> None:
+        """Quiet now (barge-in heard a possible interruption); :meth:`resume` goes on."""
+        self.speaker.pause()
+
+    def resume(self) -> None:
+        self.speaker.resume()
+
+    @property
+    def playing(self) -> bool:
+        return self.speaker.playing
 
     async def check(self, rate: int = 22050) -> None:
         """Open the output device once and close it: AudioDeviceError("no output device
@@ -36,6 +49,18 @@ class SpeakerSink:
                 yield chunk.samples
 
         await self.speaker.play(samples(), rate)
+
+
+class SilentSink:
+    """For a machine whose speaker cannot be opened: replies are synthesised (their
+    text still reaches MQTT and Wyoming) and dropped."""
+
+    def __init__(self) -> None:
+        self.dropped_s = 0.0
+
+    async def play(self, chunks: AsyncIterable[TtsChunk], rate: int) -> None:
+        async for chunk in chunks:
+            self.dropped_s += chunk.duration_s
 
 
 class WavReplySink:

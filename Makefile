@@ -33,6 +33,9 @@ bench: setup
 	$(PY) bench/voice_bench.py --compare-endpoint
 	$(PY) bench/mqtt_bench.py
 	$(PY) bench/dialogue_bench.py
+	$(PY) bench/wakeword_bench.py
+	$(PY) bench/echo_bench.py
+	$(PY) bench/barge_in_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -7,7 +7,8 @@ model answers, piper speaks, and the reply's own sound reaches the microphone th
 a room (20-80 ms delay, RT60 0.3/0.6 s, -6/-12 dB). Speaker and microphone share one
 sample clock, so everything is measured from the audio:
 
-- **false barge-ins**: replies paused or cut with nobody speaking over them;
+- **false barge-ins**: replies cut with nobody speaking over them (and false pauses:
+  the speaker paused for something that was not speech, then went on);
 - **true barge-ins**: the person talks over the reply 1 s in; detected if the reply
   went quiet after the true onset of that speech;
 - **stop time**: from the true onset (first 10 ms at -40 dBFS in the clean recording)
@@ -65,7 +66,7 @@ def speech(a: Assistant, text: str) -> np.ndarray:
 
 async def trials(a: Assistant, count: int, *, interrupt: bool, echo_cancel: bool,
                  pause: bool, tmp: Path, label: str) -> list[Trial]:
-    settings = load_settings({"JARVIS_CACHE_DIR": str(tmp), "JARVIS_MAX_TOKENS": "40",
+    settings = load_settings({"JARVIS_CACHE_DIR": str(tmp), "JARVIS_MAX_TOKENS": "24",
                               "JARVIS_WAKE_WORD": "hey_jarvis"})
 
     def build(front: FrontEnd) -> VoicePipeline:
@@ -86,7 +87,8 @@ async def trials(a: Assistant, count: int, *, interrupt: bool, echo_cancel: bool
         out.append(trial)
         stop = f"{trial.stop_ms:.0f} ms" if trial.stop_ms is not None else "-"
         print(f"  {label} {i + 1:>2}/{count} [{room.label()}] answered={trial.answered} "
-              f"false={trial.false_barge_in} stop={stop} "
+              f"false pauses={trial.false_pauses} false barge-in={trial.false_barge_in} "
+              f"stop={stop} "
               f"erle={trial.canceller.get('erle_db', float('nan')):.1f} dB", flush=True)
     return out
 
@@ -98,10 +100,15 @@ def summary(name: str, ts: list[Trial]) -> dict[str, Any]:
     erle = [t.canceller["erle_db"] for t in answered
             if "erle_db" in t.canceller and t.onset is None]  # echo alone: no double talk
     return {
+        "per_trial": [{"false_pauses": t.false_pauses, "false_barge_in": t.false_barge_in,
+                       "barge_ins": len(t.barge_ins), "stop_ms": t.stop_ms,
+                       "erle_db": t.canceller.get("erle_db")} for t in ts],
         "name": name, "trials": len(ts), "answered": len(answered),
         "false_barge_ins": sum(t.false_barge_in for t in answered),
-        "true_barge_ins": (sum(t.stop_ms is not None and not t.false_barge_in
-                               for t in interrupted) if interrupted else None),
+        "false_pauses": sum(t.false_pauses for t in answered),
+        "true_barge_ins": (sum(bool(t.barge_ins) and t.stop_ms is not None
+                               and not t.false_barge_in for t in interrupted)
+                           if interrupted else None),
         "interrupted": len(interrupted),
         "stop_ms_median": float(np.median(stops)) if stops else None,
         "stop_ms_p90": float(np.percentile(stops, 90)) if stops else None,
@@ -137,12 +144,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             ]
         finally:
             await a.close()
-    print(f"\n{'':38} {'trials':>6} {'false':>6} {'true':>9} {'stop p50':>9} "
+    print(f"\n{'':38} {'trials':>6} {'false':>6} {'pauses':>6} {'true':>9} {'stop p50':>9} "
           f"{'p90':>5} {'max':>5} {'ERLE dB':>8}")
     for r in rows:
         true = (f"{r['true_barge_ins']}/{r['interrupted']}" if r["true_barge_ins"] is not None
                 else "-")
-        print(f"{r['name']:38} {r['answered']:>6} {r['false_barge_ins']:>6} {true:>9} "
+        print(f"{r['name']:38} {r['answered']:>6} {r['false_barge_ins']:>6} "
+              f"{r['false_pauses']:>6} {true:>9} "
               f"{fmt(r['stop_ms_median']):>9} {fmt(r['stop_ms_p90']):>5} "
               f"{fmt(r['stop_ms_max']):>5} {fmt(r['erle_db_median']):>8}")
     new, old = rows[1]["stop_ms_median"], rows[3]["stop_ms_median"]

@@ -71,9 +71,9 @@ from jarvis.evaluation.voices import (
 from jarvis.speech.asr import WhisperAsr
 from jarvis.speech.silero import Endpointer
 from jarvis.speech.tts import PiperTts
-from jarvis.speech.vad import UtteranceEnded, VadEvent
+from jarvis.speech.vad import SpeechStarted, UtteranceEnded, VadEvent
 from jarvis.speech.wakeword import WakeDetection, WakeWordDetector
-from jarvis.voice.listening import FrontEnd, wake_request
+from jarvis.voice.listening import AWAKE_S, PREROLL_S, FrontEnd, wake_request
 
 ROOT = Path(__file__).resolve().parent.parent
 JFK = ROOT / "tests" / "data" / "jfk-16k-mono.wav"
@@ -299,18 +299,22 @@ class Woken:
 
 @dataclass
 class FollowOn:
-    """An utterance the gate let through after a detection's own one: the pipeline
-    answers it without looking for the wake phrase."""
+    """An utterance without the wake word that the pipeline answers all the same: it
+    started within ``AWAKE_S`` of a confirmed wake word ("hey jarvis ... what time is
+    it"). (After a reply the follow-up window would also let speech through; there are
+    no replies here.)"""
 
     at: int  # stream sample where it ended
-    text: str
+    text: str | None  # None: not transcribed (positive trials)
 
 
 class Gate:
     """The pipeline's front end (wake-word gate + Silero endpointer, no echo
-    cancellation) at one cut-off, and the second stage: the first utterance ending
-    after a detection is transcribed and checked with :func:`wake_request`, as
-    ``VoicePipeline`` does (``Utterance.woke``)."""
+    cancellation) at one cut-off, and the second stage as ``VoicePipeline`` runs it:
+    the utterance that spans or follows a detection (``FrontEnd.claim_wake``) is
+    transcribed and checked with :func:`wake_request`; a failed check puts the gate
+    back to sleep; another utterance is answered only if it started within
+    ``AWAKE_S`` of a confirmed one."""
 
     def __init__(self, cutoff: float, settings: Settings, transcripts: Transcripts, *,
                  follow_ons: bool) -> None:
@@ -326,14 +330,16 @@ class Gate:
         self.detections: list[WakeDetection] = []
         self.woken: list[Woken] = []
         self.follow_ons: list[FollowOn] = []
-        self._pending: Woken | None = None
+        self._started = 0
+        self._awake_until = -1
+        self._last_wake = Woken(0, 0.0)
 
     def start(self) -> None:
         """A new stream (one positive trial)."""
         self.front.reset()
         self.position = 0
         self.detections, self.woken, self.follow_ons = [], [], []
-        self._pending = None
+        self._started, self._awake_until = 0, -1
 
     def feed(self, audio: FloatArray) -> None:
         for s in range(0, len(audio), FRONT_CHUNK):
@@ -350,28 +356,37 @@ class Gate:
         events = self.front.flush()
         self.front_cpu += time.process_time() - started
         self._heard(None, events)
-        self._pending = None
 
     def _heard(self, wake: WakeDetection | None, events: list[VadEvent]) -> None:
         if wake is not None:
             self.detections.append(wake)
-            if self._pending is None:  # the pipeline keeps one "woke" until an utterance ends
-                self._pending = Woken(wake.sample, wake.probability)
+            self._last_wake = Woken(wake.sample, wake.probability)
         for event in events:
+            if isinstance(event, SpeechStarted):
+                self._started = self.position
             if not isinstance(event, UtteranceEnded):
                 continue
-            woken, self._pending = self._pending, None
-            if woken is None and not self.transcribe_follow_ons:
-                continue
+            woke = self.front.claim_wake(event.end_sample)
+            answered_anyway = not woke and self._started < self._awake_until
+            if not woke and not self.transcribe_follow_ons:
+                if answered_anyway:
+                    self.follow_ons.append(FollowOn(self.position, None))
+                continue  # transcribed by the pipeline, then ignored: CPU only
             text, cpu = self.transcripts(event.audio)
             self.asr_cpu += cpu
             self.transcribed += 1
-            if woken is None:
-                self.follow_ons.append(FollowOn(self.position, text))
+            if not woke:
+                if answered_anyway:
+                    self.follow_ons.append(FollowOn(self.position, text))
                 continue
+            woken = self._last_wake
             woken.text = text
             woken.confirmed = wake_request(text, WAKE_PHRASE) is not None
             self.woken.append(woken)
+            if woken.confirmed:
+                self._awake_until = self.position + int(AWAKE_S * ASR_RATE)
+            else:
+                self.front.sleep()
 
     @property
     def confirmed(self) -> bool:
@@ -401,6 +416,7 @@ def accept_rates(clips: list[Clip], babble: FloatArray,
                 gate.finish()
                 stages[f"{gate.cutoff:g}"] = {
                     "fired": bool(gate.detections), "confirmed": gate.confirmed,
+                    "answered": gate.confirmed or bool(gate.detections and gate.follow_ons),
                     "heard": [w.text for w in gate.woken]}
             rows.append({"source": clip.source, "voice": clip.voice, "speed": clip.speed,
                          "snr": "clean" if snr == float("inf") else f"{snr:.0f} dB",
@@ -537,6 +553,188 @@ def print_false_accepts(result: dict[str, Any]) -> dict[str, Any]:
             "minutes_by_kind": {k: v / 60 for k, v in result["seconds"].items()}}
 
 
+# --------------------------------------------------------------------------- (d)
+
+
+def _pct(rows: list[dict[str, Any]], cutoff: str, key: str) -> float:
+    return (100.0 * sum(r["stages"][cutoff][key] for r in rows) / len(rows)) if rows else 0.0
+
+
+def print_two_stage(accept: dict[str, Any], stream: dict[str, Any], gates: list[Gate],
+                    asr_label: str) -> dict[str, Any]:
+    rows = accept["rows"]
+    cutoffs = [f"{g.cutoff:g}" for g in gates]
+    groups: dict[str, list[dict[str, Any]]] = {
+        "all": rows,
+        "piper": [r for r in rows if r["source"] == "piper"],
+        **{f"shift {f}": [r for r in rows if r["voice"].endswith(f"@{f}")] for f in SHIFTS},
+        "espeak": [r for r in rows if r["source"] == "espeak"],
+        "piper+shift": [r for r in rows if r["source"] != "espeak"],
+    }
+    print(f"\n(d) two-stage wake as the pipeline runs it: FrontEnd (gate + Silero endpointer, "
+          f"{FRONT_CHUNK}-sample chunks); the first utterance ending after a detection "
+          f"(from the {PREROLL_S:.1f} s pre-roll on) transcribed by {asr_label} and checked by "
+          f"wake_request(text, {WAKE_PHRASE!r})")
+    out: dict[str, Any] = {"cutoffs": {}}
+    print(f"  accept rate, model alone -> + transcript ({len(rows)} trials; "
+          + ", ".join(f"{k} {len(v)}" for k, v in groups.items() if k != "all") + "):")
+    print("    cut-off " + "".join(f"{k:>17s}" for k in groups))
+    for c in cutoffs:
+        cells = [f"{_pct(v, c, 'fired'):5.1f} -> {_pct(v, c, 'confirmed'):5.1f} %"
+                 for v in groups.values()]
+        print(f"    {c:<7s} " + "".join(f"{x:>17s}" for x in cells))
+        out["cutoffs"][c] = {"accept": {k: {"model": _pct(v, c, "fired"),
+                                            "two_stage": _pct(v, c, "confirmed"),
+                                            "answered": _pct(v, c, "answered"),
+                                            "trials": len(v)} for k, v in groups.items()}}
+    print("  answered by the pipeline all the same (confirmed, or a later utterance of the "
+          "trial got through the open gate unchecked):")
+    for c in cutoffs:
+        print(f"    {c:<7s} " + "".join(f"{_pct(v, c, 'answered'):15.1f} %"
+                                        for v in groups.values()))
+    print("  accept rate by noise, + transcript (model alone in brackets):")
+    for c in cutoffs:
+        cells = []
+        by_snr = {}
+        for snr in ("clean", "20 dB", "10 dB"):
+            sub = [r for r in rows if r["snr"] == snr]
+            both = {k: {"model": _pct([r for r in v if r["snr"] == snr], c, "fired"),
+                        "two_stage": _pct([r for r in v if r["snr"] == snr], c, "confirmed")}
+                    for k, v in groups.items()}
+            by_snr[snr] = both
+            cells.append(f"{snr} {_pct(sub, c, 'confirmed'):5.1f} % "
+                         f"({_pct(sub, c, 'fired'):5.1f})")
+        print(f"    {c:<7s} " + "   ".join(cells))
+        out["cutoffs"][c]["accept_by_snr"] = by_snr
+    espeak = groups["espeak"]
+    print("  espeak by voice, model alone -> + transcript, at cut-offs " + " / ".join(cutoffs)
+          + ":")
+    deaf = []
+    by_voice: dict[str, dict[str, dict[str, float]]] = {}
+    for voice in ESPEAK_VOICES:
+        sub = [r for r in espeak if r["voice"] == voice]
+        by_voice[voice] = {c: {"model": _pct(sub, c, "fired"),
+                               "two_stage": _pct(sub, c, "confirmed")} for c in cutoffs}
+        if not any(r["stages"][c]["fired"] for r in sub for c in cutoffs):
+            deaf.append(voice)
+        print(f"    {voice:15s}" + "".join(
+            f"{by_voice[voice][c]['model']:6.1f} ->{by_voice[voice][c]['two_stage']:5.1f}"
+            for c in cutoffs))
+    out["espeak_by_voice"] = by_voice
+    out["voices_never_heard"] = deaf
+    lowest = cutoffs[-1]
+    print(f"  not heard at all (no detection in any of their {len(espeak) // len(ESPEAK_VOICES)}"
+          f" trials, even at cut-off {lowest}): " + (", ".join(deaf) if deaf else "none"))
+    weak = [v for v in ESPEAK_VOICES if v not in deaf
+            and by_voice[v][lowest]["model"] < 50.0]
+    if weak:
+        print(f"  heard in under half their trials even at {lowest}: "
+              + ", ".join(f"{v} {by_voice[v][lowest]['model']:.0f} %" for v in weak))
+    for c in cutoffs:  # what whisper made of detections the check turned down
+        lost = Counter(h if h is not None else "<no utterance ended>"
+                       for r in rows if r["stages"][c]["fired"] and not r["stages"][c]["confirmed"]
+                       for h in (r["stages"][c]["heard"] or [None]))
+        if lost:
+            print(f"  fired but not confirmed at {c}: {sum(lost.values())}; heard: "
+                  + "; ".join(f"{t!r} x{n}" if n > 1 else repr(t)
+                              for t, n in lost.most_common(5)))
+        out["cutoffs"][c]["rejected_positives"] = sum(lost.values())
+
+    # Negatives.
+    segments: list[Segment] = stream["segments"]
+    starts = [seg.start for seg in segments]
+    stream_s = stream["stream_s"]
+    lengths = [(b - a) / ASR_RATE for a, b in
+               zip(starts, [*starts[1:], int(stream_s * ASR_RATE)], strict=True)]
+    hours_by: dict[str, float] = defaultdict(float)
+    for seg, length in zip(segments, lengths, strict=True):
+        hours_by["near misses" if seg.clip.category == "near_miss" else "ordinary"] += length / 3600
+        hours_by[seg.snr] += length / 3600
+        hours_by[seg.clip.source] += length / 3600
+    hours = stream_s / 3600
+
+    def where(sample: int) -> Segment:
+        return segments[max(0, bisect.bisect_right(starts, sample) - 1)]
+
+    print(f"  false accepts per hour on the {60 * hours:.1f}-minute stream of (b), model alone "
+          "-> + transcript; last column: utterances the gate lets through after a detection's "
+          "own one, which the pipeline answers without any check:")
+    kinds = ("ordinary", "near misses", "clean", "20 dB", "10 dB", "piper", "espeak")
+    print("    cut-off " + f"{'all (count)':>25s}" + "".join(f"{k:>15s}" for k in kinds)
+          + f"{'follow-ons':>12s}")
+    for gate in gates:
+        c = f"{gate.cutoff:g}"
+        fired: Counter[str] = Counter()
+        confirmed: Counter[str] = Counter()
+        for d in gate.detections:
+            seg = where(d.sample)
+            for k in ("near misses" if seg.clip.category == "near_miss" else "ordinary",
+                      seg.snr, seg.clip.source):
+                fired[k] += 1
+        for w in gate.woken:
+            if w.confirmed:
+                seg = where(w.at)
+                for k in ("near misses" if seg.clip.category == "near_miss" else "ordinary",
+                          seg.snr, seg.clip.source):
+                    confirmed[k] += 1
+        n_fired, n_conf = len(gate.detections), sum(w.confirmed for w in gate.woken)
+        cells = [f"{fired[k] / hours_by[k]:.1f}->{confirmed[k] / hours_by[k]:.1f}"
+                 if hours_by[k] else "-" for k in kinds]
+        pair = f"{n_fired / hours:.2f} -> {n_conf / hours:.2f}/h ({n_fired}->{n_conf})"
+        print(f"    {c:<7s} {pair:>25s}" + "".join(f"{x:>15s}" for x in cells)
+              + f"{len(gate.follow_ons) / hours:9.2f}/h")
+        out["cutoffs"][c]["false_accepts"] = {
+            "model_per_hour": n_fired / hours, "two_stage_per_hour": n_conf / hours,
+            "model": n_fired, "two_stage": n_conf,
+            "by_kind_per_hour": {k: {"model": fired[k] / hours_by[k],
+                                     "two_stage": confirmed[k] / hours_by[k]}
+                                 for k in kinds if hours_by[k]},
+            "follow_ons_per_hour": len(gate.follow_ons) / hours,
+            "confirmed": [{"clip": where(w.at).clip.label(),
+                           "condition": where(w.at).condition, "heard": w.text,
+                           "at_s": round(w.at / ASR_RATE, 1)}
+                          for w in gate.woken if w.confirmed],
+            "follow_ons": [{"clip": where(f.at).clip.label(), "heard": f.text,
+                            "at_s": round(f.at / ASR_RATE, 1)} for f in gate.follow_ons]}
+    print("    (minutes: " + ", ".join(f"{k} {60 * hours_by[k]:.1f}" for k in kinds) + ")")
+    for gate in gates:
+        c = f"{gate.cutoff:g}"
+        fa = out["cutoffs"][c]["false_accepts"]
+        for item in fa["confirmed"]:
+            print(f"    {c}: confirmed at {item['at_s']:7.1f} s, {item['condition']}, heard "
+                  f"{item['heard']!r}: {item['clip']}")
+    for gate in gates[:1] + gates[-1:]:
+        c = f"{gate.cutoff:g}"
+        follow = out["cutoffs"][c]["false_accepts"]["follow_ons"]
+        if follow:
+            print(f"    {c}: follow-ons answered unchecked: "
+                  + "; ".join(repr(f["heard"]) for f in follow[:6])
+                  + (f" (+{len(follow) - 6} more)" if len(follow) > 6 else ""))
+
+    # The recommendation: among the cut-offs with the transcript check under 0.5 false
+    # accepts per hour, the best accept rate over everything.
+    fits = [c for c in cutoffs
+            if out["cutoffs"][c]["false_accepts"]["two_stage_per_hour"] <= 0.5]
+    best = max(fits, key=lambda c: (out["cutoffs"][c]["accept"]["all"]["two_stage"],
+                                    float(c)), default=None)
+    for c in cutoffs:
+        acc = out["cutoffs"][c]["accept"]
+        fa = out["cutoffs"][c]["false_accepts"]
+        print(f"  headline {c:<5s}: piper + shifted piper "
+              f"{acc['piper+shift']['two_stage']:5.1f} %, "
+              f"everything {acc['all']['two_stage']:5.1f} % "
+              f"(espeak {acc['espeak']['two_stage']:5.1f} %), "
+              f"false accepts {fa['two_stage_per_hour']:.2f}/h "
+              f"(+ {fa['follow_ons_per_hour']:.2f}/h unchecked follow-ons)"
+              + ("  <- best with <= 0.5/h" if c == best else ""))
+    if best is None:
+        print("  no cut-off stays at or under 0.5 false accepts per hour with the transcript "
+              "check on this stream (a false accept is one event in "
+              f"{60 * hours:.0f} minutes = {1 / hours:.2f}/h)")
+    out["best_cutoff"] = best
+    return out
+
+
 def transcript_matching(clips: list[Clip], seed: int, babble: FloatArray,
                         minutes: float) -> dict[str, Any]:
     """Today's approach on the first ``minutes`` of the same stream."""
@@ -594,7 +792,8 @@ def print_cpu(detector: dict[str, Any], whisper: dict[str, Any] | None,
         for cutoff, g in detector["gate_cpu"].items():
             front_h, asr_h = g["front_cpu_s"] / hours, g["asr_cpu_s"] / hours
             total = front_h + asr_h
-            print(f"    cut-off {cutoff:<4g}  front end {front_h:6.1f} s/h + whisper {asr_h:6.1f} s/h "
+            print(f"    cut-off {cutoff:<4g}  front end {front_h:6.1f} s/h + whisper "
+                  f"{asr_h:6.1f} s/h "
                   f"({g['transcribed'] / hours:5.1f} utterances/h) = {total:6.1f} s/h = "
                   f"{total / 36:5.2f} % of a core")
             stages[f"{cutoff:g}"] = {"front_end_cpu_s_per_hour": front_h,
@@ -636,10 +835,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="minutes of the stream run through VAD + whisper (default 10)")
     parser.add_argument("--no-asr", action="store_true", help="skip today's approach")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clear", action="store_true", help="synthesize the corpus again")
+    parser.add_argument("--clear", action="store_true",
+                        help="synthesize the corpus and transcribe the utterances again")
+    parser.add_argument("--cutoffs", default=",".join(f"{c:g}" for c in CUTOFFS),
+                        help="detector cut-offs for (d), comma-separated (default "
+                             "%(default)s)")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="also write the numbers as JSON to FILE (- or none: stdout)")
     args = parser.parse_args(argv)
+    try:
+        cutoffs = [float(c) for c in args.cutoffs.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--cutoffs {args.cutoffs!r}: expected numbers such as 0.97,0.8")
+    if not cutoffs or not all(0 < c < 1 for c in cutoffs):
+        parser.error("--cutoffs: each between 0 and 1")
 
     directory = voices.cache_dir("wakeword")
     if args.clear:
@@ -660,15 +869,28 @@ def main(argv: list[str] | None = None) -> int:
     babble = np.concatenate([c.audio for c in other_clips
                              if c.source == "piper"][:80])  # talkers for babble noise
 
-    accept = print_accept(accept_rates(wake_clips, babble))
-    fa_raw = false_accepts(other_clips, args.seed, babble)
+    settings = load_settings({"JARVIS_CACHE_DIR": ""})
+    transcripts = Transcripts(directory, settings.asr)
+    gates = [Gate(c, settings, transcripts, follow_ons=False) for c in cutoffs]
+    started = time.perf_counter()
+    accept_raw = accept_rates(wake_clips, babble, gates)
+    accept = print_accept(accept_raw)
+    for gate in gates:  # in the stream, later utterances in an awake window count too
+        gate.transcribe_follow_ons = True
+    fa_raw = false_accepts(other_clips, args.seed, babble, gates)
+    transcripts.save()
     fa = print_false_accepts(fa_raw)
+    print(f"\n[(a), (b) and (d) took {time.perf_counter() - started:.0f} s; "
+          f"{transcripts.used} transcripts used, {transcripts.made} made now in "
+          f"{transcripts.made_s:.0f} s]")
     whisper = None if args.no_asr else transcript_matching(other_clips, args.seed, babble,
                                                           args.asr_minutes)
-    cpu = print_cpu(fa_raw, whisper)
+    cpu = print_cpu(fa_raw, whisper, transcripts.label)
+    two_stage = print_two_stage(accept_raw, fa_raw, gates, transcripts.label)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
-        payload = json.dumps({"accept": accept, "false_accepts": fa, "cpu": cpu}, indent=2)
+        payload = json.dumps({"accept": accept, "false_accepts": fa, "cpu": cpu,
+                              "two_stage": two_stage}, indent=2)
         if args.json == "-":
             print(payload)
         else:

@@ -537,6 +537,9 @@ VARIABLES: tuple[Variable, ...] = (
              "what wakes Jarvis: a bundled wake-word model (hey_jarvis, okay_nabu, alexa, "
              "hey_mycroft) listening on the microphone stream, or any other phrase, matched "
              "on transcripts; off (or empty) = answer everything heard"),
+    Variable("JARVIS_WAKE_THRESHOLD", "pipeline", "wake_threshold", _float(0.05, 0.99), "0.8",
+             "how sure the wake-word model must be; lower hears the wake word more often "
+             "(and more that is not it); the transcript must then confirm it"),
     Variable("JARVIS_ECHO_CANCEL", "pipeline", "echo_cancel", _choice("auto", "on", "off"),
              "auto", "remove the speaker's own sound from the microphone (WebRTC AEC3); "
              "auto = on when Jarvis plays on a speaker and listens on a microphone"),
@@ -724,6 +727,7 @@ class PipelineSettings:
     conversation_idle_s: float = 300.0
     repetition_guard: bool = True
     echo_cancel: str = "auto"
+    wake_threshold: float = 0.8
 
 
 @dataclass(frozen=True)

@@ -276,8 +276,10 @@ def test_wake_word_model_gates_asr_and_the_follow_up_needs_none(
     # The wake phrase is gone from the request (tiny.en may hear "of" as "at").
     assert requests[0].lower().startswith("what is the capital") and "spain" in \
         requests[0].lower(), requests
-    # The follow-up window: no wake word needed (tiny.en may hear "Italy" as "the valley").
-    assert requests[1].lower().startswith("and the capital"), requests
+    # The follow-up window: no wake word needed (tiny.en may hear "and" as "in", "Italy"
+    # as "the valley").
+    assert "the capital" in requests[1].lower() and "spain" not in requests[1].lower(), \
+        requests
 
 
 def test_a_custom_wake_phrase_is_matched_on_transcripts(

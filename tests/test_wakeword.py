@@ -110,6 +110,21 @@ def test_a_broken_or_missing_tflite_library_is_a_model_error_with_the_fix(
         WakeWordDetector("hey_jarvis")
 
 
+def test_cutoff_overrides_the_models_own_and_is_validated(spoken: Say) -> None:
+    assert WakeWordDetector("hey_jarvis").cutoff == 0.97  # the model's JSON
+    low = WakeWordDetector("hey_jarvis", cutoff=0.5)
+    assert low.cutoff == 0.5
+    audio = padded(spoken(WAKE_REQUEST))
+    default = feed(WakeWordDetector("hey_jarvis"), audio)
+    early = feed(low, audio)
+    assert len(default) == len(early) == 1
+    assert early[0].sample <= default[0].sample and early[0].probability > 0.5
+    assert feed(WakeWordDetector("hey_jarvis", cutoff=0.999999), audio) == []
+    for bad in (0.0, 1.0, -0.2, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="cutoff must be between 0 and 1"):
+            WakeWordDetector("hey_jarvis", cutoff=bad)
+
+
 def test_importing_the_module_does_not_load_the_model_library() -> None:
     code = ("import sys, jarvis.speech.wakeword as w; "
             "print(w.BUNDLED_WAKE_WORDS, 'pymicro_wakeword' in sys.modules)")
@@ -266,6 +281,19 @@ def test_espeak_voices_that_it_hears_and_ones_it_must_ignore(detector: WakeWordD
             "What time is it?", "Turn on the kitchen lights.", "Jarvis is a name.",
             "The harvest was good this year.", "Hey, how are you doing today?")])
         assert feed(detector, stream) == [], voice
+
+
+def test_shift_voice_scales_pitch_and_length() -> None:
+    t = np.arange(ASR_RATE) / ASR_RATE
+    tone = (0.5 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    for factor in (0.9, 1.1):
+        shifted = voices.shift_voice(tone, factor)
+        assert shifted.dtype == np.float32
+        assert abs(len(shifted) - ASR_RATE / factor) <= 2
+        peak = np.argmax(np.abs(np.fft.rfft(shifted))) * ASR_RATE / len(shifted)
+        assert abs(peak - 200 * factor) < 3, (factor, peak)
+    with pytest.raises(ValueError, match="factor"):
+        voices.shift_voice(tone, 3.0)
 
 
 @pytest.mark.usefixtures("need_espeak")

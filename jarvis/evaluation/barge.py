@@ -13,6 +13,7 @@ import numpy as np
 
 from jarvis.audio.echo import EchoCanceller, EchoReference
 from jarvis.audio.formats import ASR_RATE, FloatArray
+from jarvis.config import PipelineSettings
 from jarvis.evaluation.loopback import LoopbackRoom, NoPause, Quiet
 from jarvis.evaluation.room import Room
 from jarvis.speech.silero import Endpointer
@@ -20,6 +21,10 @@ from jarvis.speech.wakeword import WakeWordDetector
 from jarvis.voice.events import EventType, TurnEvent
 from jarvis.voice.listening import FrontEnd
 from jarvis.voice.pipeline import VoicePipeline
+
+EARLY = 250
+"""ms before the measured onset from which the speaker going quiet counts as a reaction
+to the interruption."""
 
 
 @dataclass
@@ -30,8 +35,9 @@ class Trial:
     pause: bool
     answered: bool = False
     """The first request got a reply that started playing."""
-    barge_ins: int = 0
-    """BARGE_IN events (replies cancelled because speech was confirmed over them)."""
+    barge_ins: list[int] = field(default_factory=list)
+    """Microphone position of each BARGE_IN (a reply cancelled because speech was
+    confirmed over it)."""
     quiet: list[Quiet] = field(default_factory=list)
     """Every time the speaker went quiet before the reply's end (pause or cut)."""
     onset: int | None = None
@@ -40,17 +46,35 @@ class Trial:
     events: list[TurnEvent] = field(default_factory=list, repr=False)
 
     @property
+    def _early(self) -> int | None:
+        """Quiet from here on belongs to the interruption: the -40 dBFS onset of the
+        clean recording can come a little after a soft first consonant that the VAD
+        already hears."""
+        return None if self.onset is None else self.onset - EARLY * ASR_RATE // 1000
+
+    @property
+    def false_pauses(self) -> int:
+        """Times the speaker went quiet with nobody speaking over it (or before they
+        did): each is a stutter if it resumed, a false barge-in if the reply was cut."""
+        early = self._early
+        return sum(early is None or q.sample < early for q in self.quiet)
+
+    @property
     def false_barge_in(self) -> bool:
-        """The reply was paused or cut with nobody speaking over it (or before they did)."""
-        return any(self.onset is None or q.sample < self.onset for q in self.quiet)
+        """The reply was cut (BARGE_IN) with nobody speaking over it (or before they
+        did)."""
+        early = self._early
+        return any(early is None or at < early for at in self.barge_ins)
 
     @property
     def stop_ms(self) -> float | None:
-        """From the interruption's true onset to the speaker going quiet (ms)."""
-        if self.onset is None:
+        """From the interruption's true onset to the speaker going quiet (ms; 0 when it
+        went quiet within ``EARLY`` ms before it)."""
+        early = self._early
+        if self.onset is None or early is None:
             return None
-        after = [q.sample for q in self.quiet if q.sample >= self.onset]
-        return (after[0] - self.onset) * 1000.0 / ASR_RATE if after else None
+        after = [q.sample for q in self.quiet if q.sample >= early]
+        return max(0.0, (after[0] - self.onset) * 1000.0 / ASR_RATE) if after else None
 
 
 async def exchange(
@@ -64,7 +88,8 @@ async def exchange(
     ``interruption`` it is said ``interrupt_after_s`` after the reply starts playing."""
     reference = EchoReference() if echo_cancel else None
     canceller = EchoCanceller(reference) if reference is not None else None
-    detector = WakeWordDetector(wake_word) if wake_word else None
+    detector = (WakeWordDetector(wake_word, cutoff=PipelineSettings.wake_threshold)
+                if wake_word else None)
     front = FrontEnd(endpointer, detector=detector, canceller=canceller)
     pipeline: VoicePipeline = pipeline_for(front)
     loopback = LoopbackRoom(room, reference=reference)
@@ -86,7 +111,7 @@ async def exchange(
     def on_event(event: TurnEvent) -> None:
         trial.events.append(event)
         if event.type is EventType.BARGE_IN:
-            trial.barge_ins += 1
+            trial.barge_ins.append(loopback.position)
         elif event.type is EventType.TURN_END and started:
             # Done when the reply ended; with an interruption, when that was answered too.
             finished.append(event)

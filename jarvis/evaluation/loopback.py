@@ -124,7 +124,7 @@ class LoopbackRoom:
         if played.any():
             contribution = np.convolve(played, self._rir).astype(np.float32)
             self._echo[self._delay:self._delay + len(contribution)] += contribution
-        mic = self._echo[:n].copy()
+        mic: FloatArray = self._echo[:n].copy()
         self._echo = np.concatenate([self._echo[n:], np.zeros(n, dtype=np.float32)])
         for said in self._said:
             lo = max(said.start, self.position)

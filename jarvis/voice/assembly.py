@@ -95,7 +95,8 @@ async def build_assistant(settings: Settings, *, listen: bool = True, speak: boo
     assert devices is not None
     reference = EchoReference() if plan is not None and plan.echo_cancel else None
     try:
-        front = (await asyncio.to_thread(make_front_end, plan, endpointer, reference)
+        front = (await asyncio.to_thread(make_front_end, plan, endpointer, reference,
+                                         threshold=settings.pipeline.wake_threshold)
                  if plan is not None and endpointer is not None else None)
     except BaseException:
         await backend.close()

@@ -73,7 +73,9 @@ class EventType(str, enum.Enum):
     FIRST_AUDIO = "first_audio"
     """The reply's first sample went to the sink (``data['voice_to_voice_s']``)."""
     BARGE_IN = "barge_in"
-    """The user spoke over the reply; ``data['stop_s']`` is how long stopping took."""
+    """The user spoke over the reply; ``data['stop_s']`` is how long stopping took once
+    speech was confirmed (0 when the speaker was already paused at its first frame,
+    ``data['paused_s']`` before)."""
     ERROR = "error"
     """A stage failed (``stage``, ``text`` = message); a ``TURN_END`` follows."""
     TURN_END = "turn_end"

@@ -227,6 +227,11 @@ class FrontEnd:
         self._ring_max = int(preroll_s * ASR_RATE)
         self._open_until = 0
         self._listening = detector is None
+        self._fed = 0
+        """Samples given to the endpointer since its last reset (its clock)."""
+        self._wake: WakeDetection | None = None
+        self._wake_mark = 0
+        """Endpointer position of the chunk the wake word fired in."""
         self.hold_open = False
         """Set by the pipeline while the endpointer must hear everything (a reply being
         spoken with barge-in on)."""
@@ -242,6 +247,23 @@ class FrontEnd:
         """The endpointer is hearing the stream now."""
         return self._listening
 
+    def sleep(self) -> None:
+        """The wake word was not confirmed (the transcript lacks it): back to the wake
+        word alone once the endpointer is idle, instead of listening on."""
+        self._open_until = min(self._open_until, self._pos)
+        self._wake = None
+
+    def claim_wake(self, end_sample: int, *, consume: bool = True) -> str:
+        """The wake phrase, for the utterance ending at endpointer position
+        ``end_sample`` if it spans or follows the detection ("" otherwise): an utterance
+        of the pre-roll that ended before the wake word does not take it."""
+        wake = self._wake
+        if wake is None or end_sample < self._wake_mark:
+            return ""
+        if consume:
+            self._wake = None
+        return wake.phrase
+
     def open_for(self, seconds: float) -> None:
         """Let the endpointer hear everything for the next ``seconds`` of the stream
         (the follow-up window)."""
@@ -256,6 +278,8 @@ class FrontEnd:
         self._ring.clear()
         self._ring_len = 0
         self._listening = self.detector is None
+        self._fed = 0
+        self._wake = None
 
     def process(self, chunk: FloatArray) -> Heard:
         clean = self.canceller.process(chunk) if self.canceller is not None else chunk
@@ -269,6 +293,8 @@ class FrontEnd:
             self._open_until = max(self._open_until, self._pos + self._awake)
         if self._listening:
             events = self.endpointer.process(clean)
+            self._fed += len(clean)
+            self._mark(wake, len(clean))
             if not self._should_listen():
                 self._close()
             return Heard(events, wake)
@@ -282,7 +308,15 @@ class FrontEnd:
         self._ring.clear()
         self._ring_len = 0
         self.endpointer.reset()
-        return Heard(self.endpointer.process(audio), wake)
+        events = self.endpointer.process(audio)
+        self._fed = len(audio)
+        self._mark(wake, len(clean))
+        return Heard(events, wake)
+
+    def _mark(self, wake: WakeDetection | None, chunk: int) -> None:
+        if wake is not None:
+            self._wake = wake
+            self._wake_mark = self._fed - chunk
 
     def flush(self) -> list[VadEvent]:
         return self.endpointer.flush() if self._listening else []
@@ -338,9 +372,11 @@ class ReferenceWatch:
 
 
 def make_front_end(plan: ListeningPlan, endpointer: Endpointer,
-                   reference: EchoReference | None) -> FrontEnd:
+                   reference: EchoReference | None, *, threshold: float | None = None
+                   ) -> FrontEnd:
     """The front end the plan asks for; the wake-word model loads here."""
-    detector = WakeWordDetector(plan.wake_model) if plan.wake_model else None
+    detector = (WakeWordDetector(plan.wake_model, cutoff=threshold) if plan.wake_model
+                else None)
     canceller = (EchoCanceller(reference) if plan.echo_cancel and reference is not None
                  else None)
     return FrontEnd(endpointer, detector=detector, canceller=canceller)

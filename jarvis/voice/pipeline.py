@@ -49,6 +49,7 @@ from jarvis.speech.vad import (
 from jarvis.speech.wakeword import WakeWordDetector
 from jarvis.voice.events import EventType, Listener, Outcome, Source, Stage, TurnEvent
 from jarvis.voice.listening import (
+    AWAKE_S,
     FrontEnd,
     ReferenceWatch,
     resolve_wake_word,
@@ -85,6 +86,11 @@ class Utterance:
     """The turn already started on this utterance at its likely end, if any."""
     woke: str = ""
     """The wake phrase the wake-word model heard in it ("" if none)."""
+    started_at: float = 0.0
+    """``time.monotonic()`` when its speech was confirmed."""
+    addressed: bool = False
+    """It started in the follow-up window, or over a reply (barge-in): for Jarvis
+    without a wake word."""
 
 
 class Pausable(Protocol):
@@ -117,8 +123,9 @@ class VoicePipeline:
         self.settings = settings
         model, phrase = resolve_wake_word(settings.wake_word)
         if front_end is None and endpointer is not None:
-            front_end = FrontEnd(endpointer,
-                                 detector=WakeWordDetector(model) if model else None)
+            detector = (WakeWordDetector(model, cutoff=settings.wake_threshold) if model
+                        else None)
+            front_end = FrontEnd(endpointer, detector=detector)
         self.front_end = front_end
         self.barge_in = bool(settings.barge_in if barge_in is None else barge_in)
         self.silence_s = silence_ms / 1000.0
@@ -129,8 +136,10 @@ class VoicePipeline:
         # the transcript when it is there); a phrase is matched on the transcript.
         self.wake = WakePhrase(phrase, settings.follow_up_s)
         self.model_phrase = model.replace("_", " ") if model else ""
-        self._woke = ""
-        """The wake phrase the model heard since the last utterance ended."""
+        self._started: tuple[float, bool] = (0.0, False)
+        """When the utterance being heard started, and whether it was addressed then."""
+        self._awake_until = 0.0
+        """Utterances starting before this follow a confirmed wake word."""
         self._paused: tuple[Pausable, float] | None = None
         """The sink paused for a possible barge-in, and when."""
         self._current: _Running | None = None
@@ -203,7 +212,6 @@ class VoicePipeline:
                 log.warning("%s", message)
             heard = await asyncio.to_thread(front.process, np.asarray(chunk, np.float32))
             if heard.wake is not None:
-                self._woke = heard.wake.phrase
                 self._loop_event(EventType.WAKE_WORD, phrase=heard.wake.phrase,
                                  probability=round(heard.wake.probability, 3))
             for event in heard.events:
@@ -217,8 +225,11 @@ class VoicePipeline:
         if isinstance(event, PauseDetected):
             if not (self._busy or self.responder.busy or self._speculation is not None
                     or out.qsize()):
+                woke = self._claim_wake(event.start_sample + len(event.audio), consume=False)
                 self._speculate(Utterance(event.audio, arrived - event.silence_s,
-                                          event.silence_s, woke=self._woke), sink)
+                                          event.silence_s, woke=woke,
+                                          started_at=self._started[0],
+                                          addressed=self._started[1]), sink)
         elif isinstance(event, SpeechResumed):
             await self._abandon_speculation()
         elif isinstance(event, SpeechOnset):
@@ -230,20 +241,29 @@ class VoicePipeline:
             self._resume_playback()
         elif isinstance(event, SpeechStarted):
             self._loop_event(EventType.SPEECH_STARTED)
+            self._started = (arrived, self.wake.following_up()
+                             or (self.barge_in and self.speaking))
             if self.barge_in and self.speaking:
-                t = self._paused[1] if self._paused is not None else time.monotonic()
-                quiet = time.monotonic() - t if self._paused is not None else None
+                # Quiet already if paused at the onset; else quiet once cancelled.
+                t = time.monotonic()
+                paused_at = self._paused[1] if self._paused is not None else None
                 await self.cancel_reply()
-                self._loop_event(EventType.BARGE_IN, stop_s=quiet if quiet is not None
-                                 else time.monotonic() - t, paused=quiet is not None)
+                self._loop_event(
+                    EventType.BARGE_IN,
+                    stop_s=0.0 if paused_at is not None else time.monotonic() - t,
+                    paused_s=t - paused_at if paused_at is not None else 0.0)
             self._resume_playback()
         elif isinstance(event, UtteranceEnded):
             silence = self.silence_s if event.reason.value == "silence" else 0.0
             self._loop_event(EventType.SPEECH_ENDED, duration_s=event.duration_s)
             speculation, self._speculation = self._speculation, None
-            woke, self._woke = self._woke, ""
             await out.put(Utterance(event.audio, arrived - silence, silence, speculation,
-                                    woke=woke))
+                                    woke=self._claim_wake(event.end_sample),
+                                    started_at=self._started[0], addressed=self._started[1]))
+
+    def _claim_wake(self, end_sample: int, *, consume: bool = True) -> str:
+        front = self.front_end
+        return front.claim_wake(end_sample, consume=consume) if front is not None else ""
 
     def _resume_playback(self) -> None:
         """Undo a barge-in pause: the reply goes on (or, cancelled, has nothing left)."""
@@ -314,6 +334,7 @@ class VoicePipeline:
         except asyncio.CancelledError:  # we are being shut down: stop the turn too
             task.cancel()
             raise
+        self._paused = None  # the reply is over: nothing is left to resume
         if task.cancelled():
             return TurnResult(running.turn.id, Outcome.CANCELLED, interrupted=True)
         result = task.result()
@@ -334,15 +355,26 @@ class VoicePipeline:
         self.responder.emit(turn, EventType.TRANSCRIPT, transcript.text,
                             duration_s=transcript.duration_s)
         turn.stage = Stage.WAKE
+        gated = self.front_end is not None and self.front_end.gated
         if utterance.woke:
             # The model woke us; the transcript confirms it (or the model was fooled by
-            # "hey Janice"), and the wake phrase is taken off the request.
+            # "hey Janice": back to sleep), and the wake phrase is taken off the request.
             request: str | None = wake_request(transcript.text, utterance.woke)
             woke = request is not None
+            if woke:
+                self._awake_until = time.monotonic() + AWAKE_S
+            elif self.front_end is not None:
+                self.front_end.sleep()
         elif self.model_phrase:
-            # No wake word needed (a follow-up, a file given as the request), but the
-            # phrase is taken off the text if it is there.
-            request, woke = strip_wake_phrase(transcript.text, self.model_phrase), False
+            # No wake word needed: a follow-up, speech over a reply, the rest after a
+            # confirmed wake word ("hey jarvis ... what time is it"), a file given as the
+            # request. The phrase is taken off the text if it is there. Anything else
+            # the open gate let through is not for us.
+            addressed = (utterance.addressed or utterance.started_at < self._awake_until
+                         or not gated)
+            request = (strip_wake_phrase(transcript.text, self.model_phrase)
+                       if addressed and any(c.isalnum() for c in transcript.text) else None)
+            woke = False
         else:
             request, woke = self.wake.request(transcript.text)
         if woke:

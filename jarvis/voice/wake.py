@@ -22,6 +22,10 @@ class WakePhrase:
         """A reply was given: the follow-up window opens."""
         self._follow_up_until = self._clock() + self.follow_up_s
 
+    def following_up(self) -> bool:
+        """The follow-up window after a reply is open."""
+        return self._clock() < self._follow_up_until
+
     def request(self, text: str) -> tuple[str | None, bool]:
         """(the request in ``text``, whether the wake phrase was heard). The request is
         all of ``text`` when no wake phrase is configured or a follow-up is open, the

@@ -21,8 +21,6 @@ consumed by the backend. It owns three things:
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import logging
 import re
@@ -37,6 +35,7 @@ from typing import Any
 
 from jarvis.config import CacheSettings
 from jarvis.diskstore import CorruptStoreError, DiskStore, StoreError, StoreUnavailable
+from jarvis.heap import trim_heap
 from jarvis.llm.prefix_store import Entry, Match, PrefixStore
 from jarvis.llm.records import PAGE, RecordError, RecordWriter, State, held_bytes, read_record
 
@@ -106,28 +105,6 @@ def snapshot_nbytes(n_tokens: int, state_size: int) -> int:
     into its own memory map (:func:`~jarvis.llm.records.new_state_buffer`)."""
     pages = -(-max(state_size, 1) // PAGE) * PAGE
     return pages + _PER_TOKEN_OVERHEAD * n_tokens + _PER_ENTRY_OVERHEAD
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-def trim_heap() -> bool:
-    """Hand the C heap's free memory back to the OS (glibc ``malloc_trim``: every
-    arena, holes included); False where there is no such call."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
 
 
 def fingerprint(**facts: Any) -> str:

@@ -41,6 +41,7 @@ from jarvis.speech.wakeword import (
     WakeWordDetector,
     is_bundled,
 )
+from jarvis.voice.wake import edit_distance
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +181,7 @@ def _close(heard: str, expected: str) -> bool:
     allowed = 1 if len(expected) < 6 else 2
     if abs(len(heard) - len(expected)) > allowed or min(len(heard), len(expected)) < 4:
         return False
-    previous = list(range(len(expected) + 1))
-    for i, a in enumerate(heard, 1):
-        current = [i]
-        for j, b in enumerate(expected, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a != b)))
-        previous = current
-    return previous[-1] <= allowed
+    return edit_distance(heard, expected) <= allowed
 
 
 # --------------------------------------------------------------------------- front end

@@ -57,13 +57,18 @@ def _sounds_alike(heard: str, expected: str) -> bool:
         return True
     if min(len(heard), len(expected)) < 5 or abs(len(heard) - len(expected)) > 1:
         return False
-    previous = list(range(len(expected) + 1))
-    for i, a in enumerate(heard, 1):
+    return edit_distance(heard, expected) <= 1
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Letters inserted, deleted or changed to turn ``a`` into ``b`` (Levenshtein)."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
         current = [i]
-        for j, b in enumerate(expected, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a != b)))
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
         previous = current
-    return previous[-1] <= 1
+    return previous[-1]
 
 
 def _after_words(text: str, count: int) -> str:

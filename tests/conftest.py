@@ -72,12 +72,9 @@ def tts() -> PiperTts:
     """The bundled piper voice, loaded once per session. No phrase cache (every call
     synthesises); no noise, so the same text always gives the same audio and the tests
     built on it cannot flake."""
-    from jarvis.speech.tts import PiperTts
-    from tests.support.speech import default_settings
+    from tests.support.speech import test_voice
 
-    voice = PiperTts(default_settings().tts, deterministic=True)
-    voice.load()
-    return voice
+    return test_voice()
 
 
 @pytest.fixture(scope="session")

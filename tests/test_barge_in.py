@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jarvis.audio.formats import ASR_RATE, to_float32
-from jarvis.audio.resample import resample
 from jarvis.evaluation.barge import Trial, exchange
 from jarvis.evaluation.room import Room
 from jarvis.speech.silero import Endpointer
@@ -25,6 +23,7 @@ from jarvis.voice.events import EventType, Outcome
 from jarvis.voice.listening import FrontEnd
 from jarvis.voice.pipeline import VoicePipeline
 from tests.conftest import make_settings
+from tests.support.speech import say
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +46,8 @@ def assistant(loop: asyncio.AbstractEventLoop, tmp_path_factory: pytest.TempPath
 
 
 def speech(assistant: Assistant, text: str) -> np.ndarray:
-    assert assistant.tts is not None
-    return resample(to_float32(assistant.tts.synthesize(text)), assistant.tts.sample_rate,
-                    ASR_RATE)
+    """``text`` spoken by piper (without noise: the same audio every run), at 16 kHz."""
+    return say(text)
 
 
 def pipeline_for(assistant: Assistant, tmp: Path) -> Callable[[FrontEnd], VoicePipeline]:

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from jarvis.audio.files import read_audio
-from jarvis.audio.formats import ASR_RATE, to_float32
-from jarvis.audio.resample import resample
+from jarvis.audio.formats import ASR_RATE
 from jarvis.devices.device_map import load_device_map
 from jarvis.devices.handler import DeviceAnswer, DeviceHandler
 from jarvis.speech.silero import Endpointer
@@ -29,6 +28,7 @@ from jarvis.voice.responder import Responder
 from jarvis.voice.sinks import WavReplySink
 from jarvis.voice.wake import WakePhrase
 from tests.conftest import make_settings
+from tests.support.speech import say
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +56,8 @@ EXAMPLE_DEVICES = Path(__file__).resolve().parent.parent / "config" / "devices.e
 
 
 def speech(assistant: Assistant, text: str) -> np.ndarray:
-    """``text`` spoken by piper, at 16 kHz."""
-    assert assistant.tts is not None
-    pcm = assistant.tts.synthesize(text)
-    return resample(to_float32(pcm), assistant.tts.sample_rate, ASR_RATE)
+    """``text`` spoken by piper (without noise: the same audio every run), at 16 kHz."""
+    return say(text)
 
 
 def silence(seconds: float) -> np.ndarray:

@@ -13,6 +13,7 @@ speaker writes what it plays to another.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jarvis.audio import ASR_RATE, FloatArray
+from jarvis.audio import ASR_RATE, FloatArray, resample
 from jarvis.config import Settings, load_settings
+from jarvis.speech.tts import PiperTts
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 JFK = DATA / "jfk-16k-mono.wav"
@@ -39,6 +41,22 @@ COMMANDS = [
 def default_settings() -> Settings:
     """Built-in defaults only (no environment, no .env)."""
     return load_settings({"JARVIS_CACHE_DIR": ""})
+
+
+@functools.cache
+def test_voice() -> PiperTts:
+    """The bundled piper voice, loaded once per session, without noise: the same text
+    always gives the same audio, so the tests built on it cannot flake on a rendering
+    that speech recognition happens to mishear."""
+    voice = PiperTts(default_settings().tts, deterministic=True)
+    voice.load()
+    return voice
+
+
+def say(text: str) -> FloatArray:
+    """``text`` said by :func:`test_voice`, at 16 kHz."""
+    voice = test_voice()
+    return resample(voice.synthesize(text), voice.sample_rate, ASR_RATE)
 
 
 def silence(seconds: float) -> FloatArray:

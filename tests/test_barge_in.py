@@ -27,14 +27,6 @@ from tests.support.speech import say
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.run_until_complete(loop.shutdown_default_executor())
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def assistant(loop: asyncio.AbstractEventLoop, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[Assistant]:
     tmp = tmp_path_factory.mktemp("assistant")

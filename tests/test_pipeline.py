@@ -34,15 +34,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """One event loop for the module, so the engines are loaded once."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.run_until_complete(loop.shutdown_default_executor())
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def assistant(loop: asyncio.AbstractEventLoop, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[Assistant]:
     tmp = tmp_path_factory.mktemp("assistant")

@@ -406,6 +406,10 @@ VARIABLES: tuple[Variable, ...] = (
              "GGUF model file; empty = the bundled starter model (SmolLM2-135M-Instruct Q4_1)"),
     Variable("JARVIS_MODEL_CONTEXT_WINDOW", "llm", "context_window", _int(64, 1 << 20), "4096",
              "context size in tokens; larger holds more history but costs KV memory"),
+    Variable("JARVIS_PARALLEL", "llm", "parallel", _int(1, 64), "4",
+             "conversations the local model answers at once, decoded together in one batch; "
+             "each has its own context of JARVIS_MODEL_CONTEXT_WINDOW tokens, so the KV "
+             "memory is this many times the window's (more requests wait their turn)"),
     Variable("JARVIS_N_THREADS", "llm", "n_threads", _int(1, 1024),
              lambda: str(physical_cores()), "threads for generation (default: physical cores)"),
     Variable("JARVIS_N_THREADS_BATCH", "llm", "n_threads_batch", _int(0, 1024), "0",
@@ -654,6 +658,8 @@ class LlmSettings:
     fallback: str = "none"
     """``local``: the in-process model answers while the server is unreachable."""
     keep_alive: str = "-1"
+    parallel: int = 4
+    """Sequences the in-process engine decodes together (JARVIS_PARALLEL)."""
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,10 @@ def test_restored_state_gives_the_same_greedy_continuation(tmp_path: Path) -> No
 
 
 def test_switching_conversations_restores_instead_of_reevaluating(tmp_path: Path) -> None:
+    # One sequence: each switch of conversation must go through the cache (with more,
+    # each conversation keeps its own sequence; tests/test_batching.py).
     settings = make_settings(tmp_path, CACHE_DIR="", SYSTEM_PROMPT=home_system_prompt(),
-                             MAX_TOKENS="24")
+                             MAX_TOKENS="24", PARALLEL="1")
 
     async def run() -> None:
         async with backend_for(settings, prefill=True) as backend:
@@ -102,7 +104,8 @@ def test_dropping_old_turns_slides_the_state_back_instead_of_evaluating_it(
                 assert stats.evaluated_prompt_tokens < 30, stats
                 # Slid KV is right for this conversation but is no cache entry's truth:
                 # it is never snapshotted.
-                assert not backend.engine.kv.store_live()
+                engine = backend.engine
+                assert not engine.call(lambda: any(s.store_live() for s in engine.kv.seqs))
             else:  # the kept turns are evaluated again
                 assert "cache_slide" not in stats.stages
                 assert stats.evaluated_prompt_tokens > 60, stats

@@ -1,7 +1,7 @@
-"""The llama.cpp backend for asyncio: :class:`LlamaCppBackend` runs the blocking
-:class:`~jarvis.llm.engine.LlamaEngine` in a worker thread and streams its
-tokens to the event loop, one request at a time in arrival order (an
-``asyncio.Lock`` is FIFO, so no client starves)."""
+"""The llama.cpp backend for asyncio: :class:`LlamaCppBackend` hands requests to the
+:class:`~jarvis.llm.engine.LlamaEngine`, whose worker thread answers up to
+``JARVIS_PARALLEL`` of them at once in continuous batches (the rest wait in arrival
+order), and streams their tokens to the event loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +18,7 @@ from jarvis.errors import BackendClosedError
 from jarvis.llm.base import ChatMessage, GenerationOptions, GenerationStats
 from jarvis.llm.cache import ContextCache
 from jarvis.llm.engine import LlamaEngine
+from jarvis.llm.serving import Request
 from jarvis.llm.stream_queue import Done, Failed, PieceQueue, pieces
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,6 @@ class LlamaCppBackend:
         self.cache = ContextCache(cache_settings)
         self.engine = LlamaEngine(settings, self.cache)
         self.prefill_system = prefill_system
-        self._lock = asyncio.Lock()
-        self._jobs: set[asyncio.Task[None]] = set()
-        self._streams: set[threading.Event] = set()
-        self._waiting = 0
         self._closed = False
         self.load_s = 0.0
         self.warmup_s = 0.0
@@ -105,11 +102,8 @@ class LlamaCppBackend:
                  self.settings.model_path.name, self.load_s, self.warmup_s, self.engine.offload)
 
     async def close(self) -> None:
+        """Stop: streams still running end as cancelled, queued ones fail."""
         self._closed = True
-        for cancel in list(self._streams):
-            cancel.set()
-        if self._jobs:
-            await asyncio.gather(*self._jobs, return_exceptions=True)
         await asyncio.to_thread(self.engine.close)
 
     async def __aenter__(self) -> LlamaCppBackend:
@@ -143,46 +137,18 @@ class LlamaCppBackend:
     def _submit(self, messages: list[ChatMessage], options: GenerationOptions,
                 emit: Any, done: Any, cancel: threading.Event, t0: float,
                 queue: asyncio.Queue[Any]) -> None:
-        self._waiting += 1  # counted now, so idle housekeeping sees it is not idle
+        loop = asyncio.get_running_loop()
 
-        async def job() -> None:
-            self._streams.add(cancel)
-            try:
-                async with self._lock:
-                    self._waiting -= 1
-                    await asyncio.to_thread(self.engine.generate, messages, options, emit, done,
-                                            cancel, t0)
-            except BaseException as exc:  # delivered to the consumer, who re-raises it
-                queue.put_nowait(Failed(exc))
-            finally:
-                self._streams.discard(cancel)
-            self._spawn(self._idle_housekeeping())
+        def fail(exc: BaseException) -> None:  # delivered to the consumer, who re-raises it
+            loop.call_soon_threadsafe(queue.put_nowait, Failed(exc))
 
-        self._spawn(job())
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
-
-    async def _idle_housekeeping(self) -> None:
-        """Let the engine prepare for the next turn, but only while nobody is waiting:
-        a request that arrives first simply goes ahead (and snapshots lazily if it
-        switches conversations)."""
-        await asyncio.sleep(0)
-        if self._closed or self._waiting or self._lock.locked():
-            return
-        async with self._lock:
-            await asyncio.to_thread(self.engine.housekeeping)
-        # Outside the engine lock: a request that arrives meanwhile is not held up.
-        await asyncio.to_thread(self.cache.release_memory)
+        self.engine.submit(Request(messages, options, emit, done, fail, cancel, t0))
 
     def prepare(self, history: Sequence[ChatMessage]) -> None:
         """The next request will start with ``history``: evaluate it while idle."""
         if self._closed:
             return
         self.engine.prepare(history)
-        self._spawn(self._idle_housekeeping())
 
     def info(self) -> dict[str, Any]:
         engine = self.engine
@@ -190,6 +156,7 @@ class LlamaCppBackend:
             "backend": "llama.cpp",
             "model_path": str(self.settings.model_path),
             "context_window": engine.n_ctx if engine.loaded else self.settings.context_window,
+            "parallel": engine.n_seq if engine.loaded else self.settings.parallel,
             "n_threads": self.settings.n_threads,
             "n_threads_batch": self.settings.n_threads_batch,
             "gpu": engine.offload,

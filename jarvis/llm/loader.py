@@ -18,6 +18,12 @@ from jarvis.llm.cache import file_identity, fingerprint
 log = logging.getLogger(__name__)
 
 _KV_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # GGML_TYPE_*
+_HOLDER_CTX = 64
+"""``llama_cpp.Llama`` always makes a context; ours holds the model, tokenizer and
+metadata only, so its context is as small as can be, and freed at once."""
+_KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+_MEMORY_SHARE = 0.8
+"""The KV cache may take at most this share of the memory available at load."""
 _OFFLOAD_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 
 CHATML = (
@@ -55,12 +61,90 @@ def load_model(settings: LlmSettings) -> LoadedModel:
     return LoadedModel(llm, llama_cpp, offload, template, source)
 
 
-def cache_fingerprint(settings: LlmSettings, model: LoadedModel) -> str:
+@dataclass
+class Context:
+    """The llama.cpp context the engine serves from: ``n_seq`` sequences, each in its
+    own KV stream of ``window`` tokens."""
+
+    ctx: Any
+    n_seq: int
+    window: int
+    _owner: Any
+
+    def close(self) -> None:
+        self._owner.close()
+
+
+def create_context(model: LoadedModel, s: LlmSettings) -> Context:
+    """A context for ``JARVIS_PARALLEL`` sequences of ``JARVIS_MODEL_CONTEXT_WINDOW``
+    tokens each, not unified (a sequence attends only to its own cells);
+    :class:`~jarvis.errors.ModelError` with the limit when it cannot be made."""
+    from llama_cpp import _internals
+
+    lib = model.lib
+    limit = int(lib.llama_max_parallel_sequences())
+    if s.parallel > limit:
+        raise ModelError(f"JARVIS_PARALLEL={s.parallel} is invalid: this llama.cpp allows "
+                         f"at most {limit} sequences")
+    _check_kv_memory(model, s)
+    params = lib.llama_context_params.from_buffer_copy(model.llm.context_params)
+    params.n_ctx = s.context_window * s.parallel
+    params.n_batch = max(s.n_batch, s.parallel)
+    params.n_ubatch = s.n_ubatch
+    params.n_seq_max = s.parallel
+    params.kv_unified = False
+    try:
+        owner = _internals.LlamaContext(model=model.llm._model, params=params, verbose=False)
+    except ValueError as exc:
+        raise ModelError(
+            f"llama.cpp could not create a context for JARVIS_PARALLEL={s.parallel} "
+            f"sequences of JARVIS_MODEL_CONTEXT_WINDOW={s.context_window} tokens ({exc}): "
+            "lower either"
+        ) from exc
+    window = int(lib.llama_n_ctx_seq(owner.ctx))
+    return Context(owner.ctx, s.parallel, window, owner)
+
+
+def kv_bytes_per_token(model: LoadedModel, kv_cache_type: str) -> float:
+    """Bytes of K and V one token takes in one sequence's KV cache."""
+    lib, m = model.lib, model.llm._model.model
+    n_layer, n_head = lib.llama_model_n_layer(m), max(1, lib.llama_model_n_head(m))
+    head_dim = lib.llama_model_n_embd(m) / n_head
+    return float(2 * n_layer * lib.llama_model_n_head_kv(m) * head_dim
+                 * _KV_BYTES[kv_cache_type])
+
+
+def _check_kv_memory(model: LoadedModel, s: LlmSettings) -> None:
+    """Refuse, in one line naming the limit, a KV cache that would not fit in memory."""
+    available = _available_memory()
+    need = kv_bytes_per_token(model, s.kv_cache_type) * s.context_window * s.parallel
+    if available is not None and need > _MEMORY_SHARE * available:
+        raise ModelError(
+            f"JARVIS_PARALLEL={s.parallel} sequences of JARVIS_MODEL_CONTEXT_WINDOW="
+            f"{s.context_window} tokens need {need / (1 << 30):.1f} GiB of KV cache, more "
+            f"than {_MEMORY_SHARE:.0%} of the {available / (1 << 30):.1f} GiB available: "
+            "lower JARVIS_PARALLEL or the window (or set JARVIS_KV_CACHE_TYPE=q8_0)")
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None where there is no such file."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cache_fingerprint(settings: LlmSettings, model: LoadedModel, window: int) -> str:
     """Everything a saved KV state depends on: a state from another model, context
-    size, KV type, attention kernel, template or llama.cpp version is never restored."""
+    size (of one sequence: ``window``), KV type, attention kernel, template or llama.cpp
+    version is never restored."""
     return fingerprint(
         model=file_identity(settings.model_path),
-        n_ctx=model.llm.n_ctx(),
+        n_ctx=window,
         kv=settings.kv_cache_type,
         flash_attn=settings.flash_attn,
         template=hashlib.sha256(model.template.encode()).hexdigest(),
@@ -77,9 +161,9 @@ def _construct(llama_cpp: Any, s: LlmSettings, captured: list[str]) -> Any:
 
     llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
     try:
-        return llama_cpp.Llama(
+        llm = llama_cpp.Llama(
             model_path=str(s.model_path),
-            n_ctx=s.context_window,
+            n_ctx=_HOLDER_CTX,
             n_threads=s.n_threads,
             n_threads_batch=s.n_threads_batch,
             n_batch=s.n_batch,
@@ -94,6 +178,8 @@ def _construct(llama_cpp: Any, s: LlmSettings, captured: list[str]) -> Any:
             logits_all=False,
             verbose=False,
         )
+        llm._ctx.close()  # the engine's context is created by create_context()
+        return llm
     except (ValueError, RuntimeError, OSError) as exc:
         tail = " ".join(line.strip() for line in captured[-3:] if line.strip())
         raise ModelError(

@@ -36,6 +36,8 @@ bench: setup
 	$(PY) bench/wakeword_bench.py
 	$(PY) bench/echo_bench.py
 	$(PY) bench/barge_in_bench.py
+	$(PY) bench/build_bench.py
+	$(PY) bench/batch_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

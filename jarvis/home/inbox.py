@@ -8,10 +8,11 @@ arrives, and the bridge answers the work once:
 1. :meth:`Inbox.receive` names the delivery (:func:`~jarvis.home.ledger.delivery_key`).
    A delivery of a command being answered joins its work; a redelivery of a command
    already answered (found in the :class:`~jarvis.home.ledger.Ledger`) is acknowledged
-   at once and not answered again; anything else is new work.
-2. :meth:`Inbox.finish` records the work as answered, then returns the receipt for its
-   answer: once the broker has the answer, every delivery of the command is
-   acknowledged; an answer given up (Jarvis stopped first) is forgotten again, so the
+   at once and not answered again, and so is one this process has answered (its answer
+   is in the outbox, sent once reconnected); anything else is new work.
+2. :meth:`Inbox.finish` returns the receipt for the work's answer: once the broker has
+   the answer, the work is recorded as answered in the ledger and every delivery of the
+   command is acknowledged; an answer given up (Jarvis stopped first) is forgotten again, so the
    command is answered when the broker delivers it again.
 
 Nothing is acknowledged before it is answered; so work that never finishes (Jarvis
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,9 @@ from jarvis.home.schema import Command
 from jarvis.home.transport import Connection, Received
 
 log = logging.getLogger(__name__)
+
+_ANSWERED_HERE = 10_000
+"""Keys of answered commands remembered in memory (a redelivery comes within seconds)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,9 @@ class Inbox:
 
     def __init__(self, ledger: Ledger | None = None) -> None:
         self.ledger = ledger or Ledger()
+        self._answered_here: OrderedDict[str, None] = OrderedDict()
+        """Keys this process answered (most recent last): their answers are in its
+        outbox, so a redelivery after a reconnect is only acknowledged."""
         self._open: dict[str, Work] = {}
         self._qos0 = 0
         self.redelivered = 0
@@ -100,7 +108,9 @@ class Inbox:
             self.duplicates += 1
             return None
         entry = self.ledger.get(key) if message.dup and message.qos else None
-        if entry is not None and entry.answered:
+        if (entry is not None and entry.answered) or key in self._answered_here:
+            # The broker has its answer (the ledger says so), or this process's outbox
+            # does and sends it once reconnected: acknowledged, not answered again.
             self.duplicates += 1
             log.debug("MQTT: %s was answered before; acknowledged again", message.topic)
             delivery.ack()
@@ -133,13 +143,22 @@ class Inbox:
             return None
         work.finished = True
         self._close(work)
-        if work.qos:
-            self.ledger.answered(work.keys)
+        for key in work.keys:
+            self._answered_here[key] = None
+            if len(self._answered_here) > _ANSWERED_HERE:
+                self._answered_here.popitem(last=False)
 
         def receipt(delivered: bool) -> None:
+            # Recorded once the broker has the answer, not before: a process killed in
+            # between (several answers finish at once when the model batches them)
+            # leaves the command to be answered again by the next one, not lost.
             if delivered:
+                if work.qos:
+                    self.ledger.answered(work.keys)
                 work.ack()
             else:
+                for key in work.keys:
+                    self._answered_here.pop(key, None)
                 self.ledger.forget(work.keys)
 
         return receipt

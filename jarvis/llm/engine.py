@@ -344,29 +344,31 @@ class LlamaEngine:
 
     def _step(self, loaded: _Loaded) -> None:
         """One ``llama_decode`` for every active request: the next token of those
-        generating, then prompt tokens of those still evaluating."""
+        generating, and prompt tokens of those still evaluating (first come first)."""
+        generating = any(a.next_token is not None for a in self._active)
+        budget = loaded.batch.capacity - len(self._active)
+        budget = min(budget, PROMPT_SLICE) if generating else budget
+        plan: list[tuple[Active, list[int], bool]] = []
+        for active in self._active:
+            if active.next_token is not None:
+                plan.append((active, [active.next_token], True))
+            elif budget > 0:
+                chunk = active.pending[:budget]
+                plan.append((active, chunk, len(chunk) == len(active.pending)))
+                budget -= len(chunk)
+        # In sequence order: llama.cpp splits a batch over separate KV streams into
+        # micro-batches of consecutive sequence ids, so any other order costs one
+        # graph evaluation per sequence instead of one for all.
+        plan.sort(key=lambda part: part[0].seq.seq)
         batch = loaded.batch
         batch.clear()
         parts: list[tuple[Active, list[int], int | None]] = []
-        generating = [a for a in self._active if a.next_token is not None]
-        for active in generating:
-            token = active.next_token
-            assert token is not None
-            parts.append((active, [token], batch.add(token, len(active.seq), active.seq.seq,
-                                                      True)))
-        budget = min(batch.room, PROMPT_SLICE if generating else batch.room)
-        for active in self._active:
-            if active.next_token is not None or budget <= 0:
-                continue
-            chunk = active.pending[:budget]
-            last = len(chunk) == len(active.pending)
-            wanted: int | None = None
+        for active, chunk, wants_logits in plan:
+            at = 0
             for j, token in enumerate(chunk):
-                wants = last and j == len(chunk) - 1
-                at = batch.add(token, len(active.seq) + j, active.seq.seq, wants)
-                wanted = at if wants else wanted
-            parts.append((active, chunk, wanted))
-            budget -= len(chunk)
+                at = batch.add(token, len(active.seq) + j, active.seq.seq,
+                               wants_logits and j == len(chunk) - 1)
+            parts.append((active, chunk, at if wants_logits else None))
         try:
             batch.decode(loaded.context.ctx)
         except BackendError as exc:

@@ -174,6 +174,10 @@ class SeqKv:
         self.cache.store(tokens, state, save_s=time.perf_counter() - t)
         return True
 
+    def inexact_before(self, n: int) -> bool:
+        """True when any of the first ``n`` positions hold slid (inexact) KV."""
+        return self._inexact_from is not None and self._inexact_from < n
+
     @property
     def saved(self) -> bool:
         """True when the cache holds (or must never hold) what this sequence holds."""
@@ -255,7 +259,8 @@ class KvStates:
                 or self.cache.has_persisted(prefix)):
             return None
         for seq in free:
-            if seq.shared_with(list(prefix)) == len(prefix) and seq.saved:
+            if seq.shared_with(list(prefix)) == len(prefix) and not seq.inexact_before(
+                    len(prefix)):
                 return seq
         return None
 

@@ -29,7 +29,7 @@ def measure(llm: Any, unified: bool, flash: bool, context: int, steps: int) -> l
     from llama_cpp import _internals
 
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
-    params.n_ctx, params.n_batch, params.n_ubatch = 4 * (context + 256), 512, 512
+    params.n_ctx, params.n_batch, params.n_ubatch = 4 * (context + 512), 512, 512
     params.n_seq_max, params.kv_unified = 4, unified
     if flash:
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED

@@ -222,12 +222,6 @@ class LlamaEngine:
             self._idle_done = False
             self._cv.notify_all()
 
-    @property
-    def waiting(self) -> int:
-        """Requests queued for a free sequence."""
-        with self._cv:
-            return len(self._waiting)
-
     # ------------------------------------------------------------------ the worker
 
     def _run(self) -> None:

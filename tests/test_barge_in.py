@@ -82,11 +82,14 @@ def test_the_reply_echo_does_not_interrupt_it_with_echo_cancellation(
 def test_without_echo_cancellation_the_reply_interrupts_itself(
     assistant: Assistant, loop: asyncio.AbstractEventLoop, tmp_path: Path
 ) -> None:
-    """The control: the same room without AEC, the speaker's own voice is speech."""
+    """The control: the same room without AEC, the speaker's own voice is speech: the
+    reply pauses over and over with nobody speaking. (Whether one of those pauses is
+    also confirmed as a barge-in that cuts the reply depends on scheduling: the pause
+    silences the echo that would confirm it. CI saw 42 pauses and no cut once.)"""
     trial = run(loop, assistant, tmp_path, Room(delay_ms=50, rt60_s=0.3, gain_db=-6.0),
                 echo_cancel=False)
     assert trial.answered
-    assert trial.false_pauses and trial.false_barge_in
+    assert trial.false_pauses >= 3 or trial.false_barge_in, trial.quiet
 
 
 def test_talking_over_the_reply_silences_it_and_is_answered(

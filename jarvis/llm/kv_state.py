@@ -159,14 +159,9 @@ class SeqKv:
     def store_live(self) -> bool:
         """Save what this sequence holds into the cache unless an entry already covers
         it; True when a snapshot was taken."""
-        n = len(self.tokens)
-        if not self.cache.enabled or n == 0:
+        if self.saved:
             return False
-        if self._inexact_from is not None and n > self._inexact_from:
-            return False  # slid KV is fine for this conversation, wrong for a cache key
         tokens = tuple(self.tokens)
-        if self.cache.covers(tokens):
-            return False
         t = time.perf_counter()
         if not self.cache.make_room(tokens, self.state_size()):
             return False  # it could not be kept: do not take it
@@ -180,7 +175,9 @@ class SeqKv:
 
     @property
     def saved(self) -> bool:
-        """True when the cache holds (or must never hold) what this sequence holds."""
+        """True when the cache holds (or must never hold) what this sequence holds:
+        nothing, slid KV (fine for this conversation, wrong for a cache key), or
+        tokens an entry already covers."""
         if not self.cache.enabled or not self.tokens:
             return True
         if self._inexact_from is not None and len(self.tokens) > self._inexact_from:

@@ -303,6 +303,44 @@ def parse_wyoming_uri(raw: str) -> str:
     raise ValueError(expected)
 
 
+ROOM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+"""A room's name: it goes into MQTT topics and Home Assistant ids."""
+
+
+def parse_satellites(raw: str) -> tuple[tuple[str, str], ...]:
+    """``name=tcp://HOST:PORT`` pairs separated by commas: the satellites the hub drives,
+    one room each. Names are lowercased; each must be unique. ValueError naming the
+    entry that is wrong otherwise. Host names are resolved when connecting (a name that
+    does not resolve marks that room unavailable, it is not a configuration error)."""
+    rooms: list[tuple[str, str]] = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        name, sep, uri = entry.partition("=")
+        name = name.strip().lower()
+        if not sep:
+            raise ValueError(f"{shown(entry)}: expected NAME=tcp://HOST:PORT, e.g. "
+                             "kitchen=tcp://10.0.0.21:10700")
+        if not ROOM_NAME.fullmatch(name):
+            raise ValueError(f"room name {shown(name)}: use 1-32 of a-z, 0-9, '_' and '-', "
+                             "starting with a letter or digit")
+        try:
+            checked = parse_wyoming_uri(uri)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        if not checked:
+            raise ValueError(f"{name}: no address after '='")
+        if any(name == other for other, _ in rooms):
+            raise ValueError(f"room {name!r} is named twice")
+        rooms.append((name, checked))
+    return tuple(rooms)
+
+
+def _show_satellites(value: object) -> str:
+    rooms = value if isinstance(value, tuple) else ()
+    return ", ".join(f"{n}={u}" for n, u in rooms) or "(none)"
+
+
 def _show_llm_url(value: object) -> str:
     return str(value) or "(empty: the in-process llama.cpp engine answers)"
 
@@ -611,6 +649,23 @@ VARIABLES: tuple[Variable, ...] = (
              _int(1, 10000), "100",
              "Wyoming connections served at once; one more is answered with an error "
              "and closed"),
+    # --- satellites (a microphone and a speaker in every room)
+    Variable("JARVIS_SATELLITES", "satellites", "satellites", parse_satellites, "",
+             "Wyoming satellites this assistant drives, one room each: "
+             "kitchen=tcp://10.0.0.21:10700,bedroom=tcp://bedroom-pi.local:10700 "
+             "(`jarvis satellite` or wyoming-satellite on the other end); empty = none",
+             show=_show_satellites),
+    Variable("JARVIS_SATELLITE_DISCOVERY", "satellites", "discovery", _bool, "false",
+             "also drive the Wyoming satellites found on the local network (zeroconf); "
+             "each becomes a room named after the satellite"),
+    Variable("JARVIS_SATELLITE_AUDIO_TIMEOUT_S", "satellites", "audio_timeout_s",
+             _float(1.0, 3600.0), "10",
+             "a satellite that announced a stream but sends no audio for this long is "
+             "marked unavailable and reconnected"),
+    Variable("JARVIS_SATELLITE_RECONNECT_MAX_S", "satellites", "reconnect_max_s",
+             _float(1.0, 3600.0), "30",
+             "longest wait between attempts to reach a satellite that is gone (the wait "
+             "doubles from 1 s up to this)"),
     # --- latency tracker
     Variable("JARVIS_SPIKE_THRESHOLD_S", "latency", "spike_threshold_s", _float(0.001, 3600.0),
              "5.0", "a request slower than this counts as a spike"),
@@ -779,6 +834,21 @@ class WyomingSettings:
 
 
 @dataclass(frozen=True)
+class SatelliteSettings:
+    """The Wyoming satellites the assistant drives (one room each)."""
+
+    satellites: tuple[tuple[str, str], ...]
+    """(room name, tcp://HOST:PORT) pairs."""
+    discovery: bool
+    audio_timeout_s: float = 10.0
+    reconnect_max_s: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.satellites) or self.discovery
+
+
+@dataclass(frozen=True)
 class LatencySettings:
     """What the latency tracker needs."""
 
@@ -803,6 +873,7 @@ class Settings:
     pipeline: PipelineSettings
     mqtt: MqttSettings
     wyoming: WyomingSettings
+    satellites: SatelliteSettings
     latency: LatencySettings
     general: GeneralSettings
     sources: Mapping[str, str]
@@ -830,6 +901,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "pipeline": PipelineSettings,
     "mqtt": MqttSettings,
     "wyoming": WyomingSettings,
+    "satellites": SatelliteSettings,
     "latency": LatencySettings,
     "general": GeneralSettings,
 }

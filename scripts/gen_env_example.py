@@ -25,6 +25,7 @@ TITLES = {
     "pipeline": "Voice pipeline",
     "mqtt": "MQTT and home automation",
     "wyoming": "Wyoming server (Home Assistant voice services)",
+    "satellites": "Satellites (a microphone and a speaker in every room)",
     "latency": "Latency tracker",
     "general": "General",
 }

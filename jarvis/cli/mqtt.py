@@ -27,26 +27,32 @@ log = logging.getLogger("jarvis")
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hub = subparsers.add_parser(
         "hub",
-        help="headless hub: text in and out over MQTT only, no audio (= run --no-audio)",
+        help="headless hub: MQTT and the satellites in every room, no sound device of its "
+             "own (= run --no-audio)",
         description="Serve asks, device commands and Home Assistant discovery over MQTT "
-        "(JARVIS_MQTT_HOST, ...; device map: JARVIS_DEVICES_FILE) with no sound device.",
+        "(JARVIS_MQTT_HOST, ...; device map: JARVIS_DEVICES_FILE) and drive the Wyoming "
+        "satellites of JARVIS_SATELLITES (one room each), with no sound device of its own.",
     )
     hub.set_defaults(handler=hub_handler)
 
 
 def hub_handler(args: argparse.Namespace, settings: Settings) -> int:
     """Run the hub until SIGINT/SIGTERM; 0 after a clean stop."""
-    if not settings.mqtt.enabled:
-        raise MqttConfigError("the hub talks MQTT only: set JARVIS_MQTT_HOST (and "
-                              "JARVIS_MQTT_PORT, JARVIS_MQTT_USERNAME, ... as needed)")
+    if not settings.mqtt.enabled and not settings.satellites.enabled:
+        raise MqttConfigError("the hub needs MQTT or satellites: set JARVIS_MQTT_HOST (and "
+                              "JARVIS_MQTT_PORT, JARVIS_MQTT_USERNAME, ... as needed) or "
+                              "JARVIS_SATELLITES")
     return asyncio.run(_serve(settings))
 
 
 async def _serve(settings: Settings) -> int:
     stop = asyncio.Event()
     install_stop_signals(asyncio.get_running_loop(), stop.set)
-    from jarvis.cli.wyoming import hub_services  # JARVIS_WYOMING_URI: Wyoming beside MQTT
+    # JARVIS_WYOMING_URI: Wyoming beside MQTT; JARVIS_SATELLITES: a room per satellite.
+    from jarvis.cli.wyoming import hub_services, serve
 
+    if not settings.mqtt.enabled:
+        return await serve(settings, stop)  # satellites without MQTT
     services = hub_services(settings)
     await run_hub(settings, stop=stop, services=services, speech=bool(services))
     return 0

@@ -48,24 +48,26 @@ def wyoming_handler(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    """The Wyoming server (and the MQTT hub when MQTT is configured) until ``stop`` is
-    set or a stop signal arrives."""
+    """The Wyoming server and the satellites' rooms (with the MQTT hub when MQTT is
+    configured) until ``stop`` is set or a stop signal arrives."""
     from jarvis.cli.mqtt import install_stop_signals
-    from jarvis.wyoming.server import wyoming_service
 
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(asyncio.get_running_loop(), stop.set)
+    services = hub_services(settings)
     if settings.mqtt.enabled:
         from jarvis.home.hub import run_hub
 
-        await run_hub(settings, stop=stop, services=[wyoming_service(settings)], speech=True)
+        await run_hub(settings, stop=stop, services=services, speech=True)
         return 0
     from jarvis.voice.assembly import build_assistant
 
     assistant = await build_assistant(settings, listen=False)
     try:
-        async with wyoming_service(settings)(assistant):
+        async with contextlib.AsyncExitStack() as running:
+            for service in services:
+                await running.enter_async_context(service(assistant))
             if len(assistant.devices):
                 log.warning("JARVIS_MQTT_HOST is not set: device commands are understood "
                             "but not sent anywhere")
@@ -75,12 +77,20 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     return 0
 
 
-def hub_services(settings: Settings
-                 ) -> list[Callable[[Assistant], contextlib.AbstractAsyncContextManager[object]]]:
-    """What ``jarvis hub`` runs beside the MQTT bridge: the Wyoming server when
-    JARVIS_WYOMING_URI is set."""
-    if not settings.wyoming.enabled:
-        return []
-    from jarvis.wyoming.server import wyoming_service
+Service = Callable[[Assistant], contextlib.AbstractAsyncContextManager[object]]
 
-    return [wyoming_service(settings)]
+
+def hub_services(settings: Settings) -> list[Service]:
+    """What runs beside the MQTT bridge (``jarvis hub``) or on its own (``jarvis
+    wyoming``): the Wyoming server when JARVIS_WYOMING_URI is set, the satellites'
+    rooms when JARVIS_SATELLITES (or JARVIS_SATELLITE_DISCOVERY) is."""
+    services: list[Service] = []
+    if settings.wyoming.enabled:
+        from jarvis.wyoming.server import wyoming_service
+
+        services.append(wyoming_service(settings))
+    if settings.satellites.enabled:
+        from jarvis.wyoming.rooms import satellite_service
+
+        services.append(satellite_service(settings))
+    return services

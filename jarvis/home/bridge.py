@@ -65,7 +65,7 @@ from jarvis import __version__
 from jarvis.config import MqttSettings
 from jarvis.devices.device_map import DeviceCommand
 from jarvis.errors import JarvisError
-from jarvis.home.discovery import discovery_messages
+from jarvis.home.discovery import discovery_messages, room_discovery_messages
 from jarvis.home.inbox import Inbox, Work
 from jarvis.home.ledger import Entry, Ledger
 from jarvis.home.schema import (
@@ -232,6 +232,9 @@ class MqttBridge:
         """Asks being answered, in arrival order, by ("id", id) (or the work itself)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._state = "idle"
+        self._rooms: dict[str, dict[str, object]] = {}
+        """The rooms seen so far and their last state and availability (re-announced
+        on every connection)."""
         self._busy = 0
         self.stats = BridgeStats()
         self.connected = asyncio.Event()
@@ -301,14 +304,41 @@ class MqttBridge:
     def publish_spoken_reply(self, text: str, *, conversation_id: str | None,
                              cancelled: bool, actions: list[Any],
                              latency: Mapping[str, float], spoken: bool = True,
-                             source: str = "microphone") -> None:
+                             source: str = "microphone", room: str = "") -> None:
         """A reply to a request that did not come over MQTT (the microphone, Home
         Assistant over Wyoming), on ``<base>/reply`` with ``"id": null``; ``spoken``
         says whether Jarvis itself played it."""
         self._send(self.topics.reply, {
             "id": None, "text": text, "conversation_id": conversation_id,
             "cancelled": cancelled, "spoken": spoken, "source": source,
+            **({"room": room} if room else {}),
             "actions": actions, "latency": dict(latency)})
+
+    def publish_room(self, room: str, *, state: str | None = None,
+                     available: bool | None = None, transcript: str | None = None,
+                     seconds: float = 0.0, reply: Mapping[str, Any] | None = None) -> None:
+        """A room's (satellite's) state, availability, transcript or reply on
+        ``<base>/room/<room>/...``; the first time a room is seen its Home Assistant
+        discovery goes out too."""
+        known = self._rooms.get(room)
+        if known is None:
+            known = self._rooms[room] = {"state": "idle", "available": False}
+            self._publish_room_discovery(room)
+        if state is not None:
+            if state not in STATES:
+                raise ValueError(f"unknown state {state!r}")
+            known["state"] = state
+            self._send(self.topics.room(room, "state"), state.encode(), retain=True,
+                       coalesce=True)
+        if available is not None:
+            known["available"] = available
+            self._send(self.topics.room(room, "availability"),
+                       b"online" if available else b"offline", retain=True, coalesce=True)
+        if transcript is not None:
+            self._send(self.topics.room(room, "transcript"),
+                       {"text": transcript, "seconds": round(seconds, 3)})
+        if reply is not None:
+            self._send(self.topics.room(room, "reply"), dict(reply))
 
     def publish_commands(self, commands: Sequence[DeviceCommand]) -> None:
         """Send device commands (ahead of anything else queued). Called from an MQTT
@@ -457,12 +487,26 @@ class MqttBridge:
         self._send(self.topics.muted, b"ON" if self.assistant.muted else b"OFF",
                    retain=True, coalesce=True)
         self._publish_discovery()
+        for room, known in self._rooms.items():
+            self._send(self.topics.room(room, "state"), str(known["state"]).encode(),
+                       retain=True, coalesce=True)
+            self._send(self.topics.room(room, "availability"),
+                       b"online" if known["available"] else b"offline", retain=True,
+                       coalesce=True)
         self.publish_metrics()
 
     def _publish_discovery(self) -> None:
         for topic, config in discovery_messages(
             self.topics, client_id=self.settings.client_id, site=self.settings.site,
             version=__version__,
+        ):
+            self._send(topic, config, qos=1, retain=True, coalesce=True)
+        for room in self._rooms:
+            self._publish_room_discovery(room)
+
+    def _publish_room_discovery(self, room: str) -> None:
+        for topic, config in room_discovery_messages(
+            self.topics, room, client_id=self.settings.client_id, version=__version__,
         ):
             self._send(topic, config, qos=1, retain=True, coalesce=True)
 

@@ -100,3 +100,52 @@ def discovery_messages(topics: Topics, *, client_id: str, site: str,
          {**config, "unique_id": f"{node}_{object_id}", **common})
         for component, object_id, config in entities
     ]
+
+
+def room_discovery_messages(topics: Topics, room: str, *, client_id: str,
+                            version: str) -> list[tuple[str, dict[str, Any]]]:
+    """(topic, config) for a room's entities: a device of its own ("Jarvis <room>",
+    reached through the hub) with its state, listening/speaking, last transcript and
+    last reply; available while both the hub and the room's satellite are."""
+    prefix = topics.discovery_prefix
+    if not prefix:
+        return []
+    hub = node_id(client_id)
+    node = f"{hub}_room_{room}"
+    common: dict[str, Any] = {
+        "availability": [{"topic": topics.availability},
+                         {"topic": topics.room(room, "availability")}],
+        "availability_mode": "all",
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "device": {"identifiers": [node], "name": f"Jarvis {room}",
+                   "manufacturer": "Jarvis", "model": "Wyoming satellite (room)",
+                   "sw_version": version, "via_device": hub, "suggested_area": room},
+        "origin": {"name": "jarvis", "sw_version": version},
+    }
+    state = topics.room(room, "state")
+    entities: list[tuple[str, str, dict[str, Any]]] = [
+        ("sensor", "state", {"name": "State", "state_topic": state, "device_class": "enum",
+                             "options": ["idle", "listening", "thinking", "speaking"]}),
+        ("binary_sensor", "listening", {
+            "name": "Listening", "state_topic": state,
+            "value_template": "{{ 'ON' if value == 'listening' else 'OFF' }}",
+            "payload_on": "ON", "payload_off": "OFF", "icon": "mdi:microphone"}),
+        ("binary_sensor", "speaking", {
+            "name": "Speaking", "state_topic": state,
+            "value_template": "{{ 'ON' if value == 'speaking' else 'OFF' }}",
+            "payload_on": "ON", "payload_off": "OFF", "icon": "mdi:account-voice"}),
+        ("sensor", "last_transcript", {"name": "Last transcript",
+                                       "state_topic": topics.room(room, "transcript"),
+                                       "value_template": "{{ value_json.text[:250] }}",
+                                       "icon": "mdi:text-to-speech"}),
+        ("sensor", "last_reply", {"name": "Last reply",
+                                  "state_topic": topics.room(room, "reply"),
+                                  "value_template": "{{ value_json.text[:250] }}",
+                                  "icon": "mdi:message-reply-text"}),
+    ]
+    return [
+        (f"{prefix}/{component}/{node}/{object_id}/config",
+         {**config, "unique_id": f"{node}_{object_id}", **common})
+        for component, object_id, config in entities
+    ]

@@ -118,6 +118,10 @@ class MqttFrontend:
         if bridge is None:
             return
         kind = event.type
+        if event.room:
+            self._room_event(bridge, event)
+            if not event.turn_id:
+                return  # a room's listening loop: its own state only
         if event.turn_id and kind is not EventType.TURN_END:
             self._open_turns.add(event.turn_id)
         if kind is EventType.LISTENING:
@@ -142,9 +146,34 @@ class MqttFrontend:
                     actions=list(event.data.get("actions", [])),
                     latency=_numbers(event.data.get("latency", {})),
                     spoken="voice_to_voice" in event.data.get("latency", {}),
-                    source=event.source.value if event.source else "")
+                    source=event.source.value if event.source else "", room=event.room)
             if not self._open_turns:
                 bridge.publish_state("listening" if self.pipeline is not None else "idle")
+
+    @staticmethod
+    def _room_event(bridge: MqttBridge, event: TurnEvent) -> None:
+        """A room's (satellite's) events on its own topics."""
+        room, kind = event.room, event.type
+        if kind is EventType.ROOM:
+            available = bool(event.data.get("available"))
+            bridge.publish_room(room, available=available,
+                                state="listening" if available else "idle")
+        elif kind is EventType.LISTENING:
+            bridge.publish_room(room, state="listening")
+        elif kind is EventType.THINKING:
+            bridge.publish_room(room, state="thinking")
+        elif kind is EventType.FIRST_AUDIO:
+            bridge.publish_room(room, state="speaking")
+        elif kind is EventType.TRANSCRIPT:
+            bridge.publish_room(room, transcript=event.text,
+                                seconds=float(event.data.get("duration_s", 0.0) or 0.0))
+        elif kind is EventType.TURN_END:
+            if event.outcome in (Outcome.ANSWERED, Outcome.CANCELLED):
+                bridge.publish_room(room, reply={
+                    "text": event.text, "cancelled": event.outcome is Outcome.CANCELLED,
+                    "actions": list(event.data.get("actions", [])),
+                    "latency": _numbers(event.data.get("latency", {}))})
+            bridge.publish_room(room, state="listening")
 
     def _publish_commands(self, commands: Sequence[DeviceCommand]) -> None:
         if self.bridge is not None:

@@ -27,6 +27,13 @@ Topics (``<base>`` is ``JARVIS_MQTT_BASE_TOPIC``, default ``jarvis/<site>``)::
          <base>/metrics       LatencySummary.to_dict(): mean_s, p95_s, std_s, spikes,
                               cache_hit_rate, ...                      (retained)
          <base>/availability  online | offline  (retained; offline is the last will)
+         <base>/room/<name>/state         idle | listening | thinking | speaking  (retained)
+         <base>/room/<name>/availability  online | offline: its satellite is connected
+                                          or not (retained)
+         <base>/room/<name>/transcript    {"text", "seconds"}
+         <base>/room/<name>/reply         {"text", "cancelled", "actions", "latency"}
+         (a room is a satellite Jarvis drives, JARVIS_SATELLITES; its turns also appear
+         on <base>/transcript and <base>/reply with "source": "satellite", "room")
          hermes/tts/sayFinished   {"id", "siteId", "sessionId"}
          hermes/asr/textCaptured  {"text", "likelihood", "seconds", "siteId",
                                    "sessionId": null, "wakewordId": null}
@@ -142,6 +149,11 @@ class Topics:
     @property
     def availability(self) -> str:
         return f"{self.base}/availability"
+
+    def room(self, name: str, leaf: str) -> str:
+        """A room's topic: ``<base>/room/<name>/<leaf>`` (state, transcript, reply,
+        availability)."""
+        return f"{self.base}/room/{name}/{leaf}"
 
     @property
     def ha_status(self) -> str | None:

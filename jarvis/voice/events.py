@@ -78,6 +78,8 @@ class EventType(str, enum.Enum):
     ``data['paused_s']`` before)."""
     ERROR = "error"
     """A stage failed (``stage``, ``text`` = message); a ``TURN_END`` follows."""
+    ROOM = "room"
+    """A room's satellite came or went (``data['available']``, ``data['reason']``)."""
     TURN_END = "turn_end"
     """The last event of every turn: ``outcome``, ``text`` = the reply as heard,
     ``data`` = transcript, request, latency (seconds per stage), interrupted, actions."""
@@ -99,6 +101,9 @@ class TurnEvent:
     """Set on ``TURN_END`` only."""
     data: Mapping[str, Any] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)
+    room: str = ""
+    """The room (satellite) the turn or the listening loop belongs to; "" for the
+    assistant's own microphone and for turns that came as text."""
 
 
 Listener = Callable[[TurnEvent], None]

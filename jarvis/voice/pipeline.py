@@ -117,6 +117,8 @@ class VoicePipeline:
         conversation_id: str = MICROPHONE_CONVERSATION,
         speculation_timeout_s: float = 5.0,
         barge_in: bool | None = None,
+        source: Source = Source.MICROPHONE,
+        room: str = "",
     ) -> None:
         self.responder = responder
         self.asr = asr
@@ -130,6 +132,10 @@ class VoicePipeline:
         self.barge_in = bool(settings.barge_in if barge_in is None else barge_in)
         self.silence_s = silence_ms / 1000.0
         self.conversation_id = conversation_id
+        self.source = source
+        self.room = room
+        """The room this pipeline listens in ("" for the assistant's own microphone):
+        its events and turns carry it."""
         self.speculation_timeout_s = speculation_timeout_s
         self.muted = False
         # With a wake-word model the gate does the waking (and the phrase is taken off
@@ -162,8 +168,9 @@ class VoicePipeline:
         self.responder.bus.subscribe(listener)
 
     def _loop_event(self, type: EventType, **data: object) -> None:
-        self.responder.bus.publish(TurnEvent(type, source=Source.MICROPHONE,
-                                             conversation_id=self.conversation_id, data=data))
+        self.responder.bus.publish(TurnEvent(type, source=self.source,
+                                             conversation_id=self.conversation_id, data=data,
+                                             room=self.room))
 
     @property
     def speaking(self) -> bool:
@@ -223,8 +230,9 @@ class VoicePipeline:
         self, event: object, arrived: float, out: asyncio.Queue[Utterance | None], sink: AudioSink
     ) -> None:
         if isinstance(event, PauseDetected):
-            if not (self._busy or self.responder.busy or self._speculation is not None
-                    or out.qsize()):
+            # Other conversations' turns (other rooms, MQTT) do not hold speculation back:
+            # the engine answers them together.
+            if not (self._busy or self._speculation is not None or out.qsize()):
                 woke = self._claim_wake(event.start_sample + len(event.audio), consume=False)
                 self._speculate(Utterance(event.audio, arrived - event.silence_s,
                                           event.silence_s, woke=woke,
@@ -293,8 +301,8 @@ class VoicePipeline:
 
     def _new_turn(self, utterance: Utterance, *, speculative: bool) -> Turn:
         gate = SpeculationGate(self.speculation_timeout_s) if speculative else None
-        turn = Turn(Source.MICROPHONE, self.conversation_id, gate=gate,
-                    since=utterance.last_voice_at)
+        turn = Turn(self.source, self.conversation_id, gate=gate,
+                    since=utterance.last_voice_at, room=self.room)
         turn.latency["endpoint"] = utterance.endpoint_silence_s
         return turn
 

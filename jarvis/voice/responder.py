@@ -75,7 +75,7 @@ class Responder:
     def emit(self, turn: Turn, type: EventType, text: str = "", *, stage: Stage | None = None,
              outcome: Outcome | None = None, **data: Any) -> None:
         event = TurnEvent(type, turn.id, turn.source, turn.conversation_id or "", text, stage,
-                          outcome, data)
+                          outcome, data, room=turn.room)
         if turn.gate is None or not turn.gate.hold(event):
             self.bus.publish(event)
 

@@ -110,6 +110,9 @@ class Turn:
     on_text: Callable[[str], None] | None = None
     """Called with each piece of the reply's text as it is released (after the
     repetition guard), e.g. to print it as it arrives."""
+    room: str = ""
+    """The room (satellite) it was heard in; "" for the assistant's own microphone and
+    for text."""
     latency: dict[str, float] = field(default_factory=dict)
     """Seconds per stage: endpoint, asr, devices, llm_ttft, tts_first, voice_to_voice,
     total."""

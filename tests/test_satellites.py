@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from jarvis.audio import ASR_RATE, resample
-from jarvis.audio.formats import FloatArray
+from jarvis.audio.formats import FloatArray, to_int16
 from jarvis.config import Settings
 from jarvis.speech.asr import WhisperAsr
 from jarvis.voice.assembly import Assistant, build_assistant
@@ -29,6 +29,7 @@ from jarvis.wyoming.rooms import Rooms
 from tests.support import fake_satellite as fake
 from tests.support.fake_satellite import FakeSatellite
 from tests.support.mqtt import LoopThread, free_port, hub_settings
+from tests.support.speech import raw_int16, strip_zeros
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +54,13 @@ class Hub:
     def run(self, coro: object, timeout: float = 120.0) -> object:
         return self.loop.run(coro, timeout)  # type: ignore[arg-type]
 
-    def rooms(self, satellites: dict[str, str], **changes: object) -> Rooms:
-        settings = replace(self.settings, satellites=replace(
-            self.settings.satellites, satellites=tuple(satellites.items()), **changes))
+    def rooms(self, satellites: dict[str, str], *, wake_word: str = "",
+              **changes: object) -> Rooms:
+        settings = replace(
+            self.settings,
+            satellites=replace(self.settings.satellites,
+                               satellites=tuple(satellites.items()), **changes),
+            pipeline=replace(self.settings.pipeline, wake_word=wake_word))
         return Rooms(self.assistant, settings)
 
     def ends(self, room: str, since: int = 0) -> list[TurnEvent]:
@@ -96,6 +101,11 @@ def heard(asr: WhisperAsr, reply: fake.Reply) -> str:
     return asr.transcribe(audio).text
 
 
+def asr_text(hub: Hub, audio: FloatArray, rate: int) -> str:
+    assert hub.assistant.asr is not None
+    return hub.assistant.asr.transcribe(resample(audio, rate, ASR_RATE)).text
+
+
 def assert_answered_in_its_room(hub: Hub, sat: FakeSatellite, room: str, key: str,
                                 since: int) -> None:
     """The room's turn heard its own request, and the audio its satellite got says
@@ -116,7 +126,7 @@ def assert_answered_in_its_room(hub: Hub, sat: FakeSatellite, room: str, key: st
 
 def serve_rooms(hub: Hub, sats: dict[str, FakeSatellite], *, until: Callable[[], bool],
                 timeout: float = 90.0, extra: dict[str, str] | None = None,
-                **changes: object) -> Rooms:
+                wake_word: str = "", **changes: object) -> Rooms:
     """Start the fakes, drive them as rooms until ``until()``, stop everything."""
 
     async def go() -> Rooms:
@@ -124,7 +134,7 @@ def serve_rooms(hub: Hub, sats: dict[str, FakeSatellite], *, until: Callable[[],
         for name, sat in sats.items():
             uris[name] = f"tcp://127.0.0.1:{await sat.start()}"
         uris.update(extra or {})
-        rooms = hub.rooms(uris, **changes)
+        rooms = hub.rooms(uris, wake_word=wake_word, **changes)
         await rooms.start()
         try:
             await hub.wait(until, timeout, "the rooms")
@@ -152,6 +162,40 @@ def test_rooms_speaking_at_once_are_each_answered_in_their_own_room(
     for room, (_, key) in chosen.items():
         assert_answered_in_its_room(hub, sats[room], room, key, since)
         assert len(sats[room].replies) == 1  # nobody else's reply came here
+
+
+def test_the_hubs_wake_word_runs_per_room_and_a_satellites_own_is_trusted(
+        hub: Hub, spoken: Callable[[str], FloatArray]) -> None:
+    """JARVIS_WAKE_WORD=hey_jarvis: a streaming satellite's request with the wake word
+    is answered (and the satellite told of the detection), one without is not; a
+    satellite whose own wake word fired (run-pipeline from asr) needs none, and stops
+    streaming at the hub's transcript."""
+    sats = {
+        "kitchen": FakeSatellite(fake.normal(
+            spoken("Hey Jarvis, what is the capital of France?"), lead_s=0.5), name="kitchen"),
+        "bedroom": FakeSatellite(fake.normal(spoken(REQUESTS["bedroom"][0]), lead_s=0.5),
+                                 name="bedroom"),
+        # Its pre-roll holds the wake phrase, said alone; the request comes after "Yes?".
+        "office": FakeSatellite(fake.local_wake(np.concatenate([
+            spoken("Hey Jarvis."), np.zeros(int(2.5 * ASR_RATE), np.float32),
+            spoken(REQUESTS["office"][0])])), name="office"),
+    }
+    since = len(hub.events)
+    serve_rooms(hub, sats, wake_word="hey_jarvis", until=lambda: bool(
+        hub.ends("kitchen", since) and sats["kitchen"].replies
+        and sats["kitchen"].replies[0].complete and len(hub.ends("office", since)) >= 2
+        and "stream_stopped" in sats["office"].marks))
+    assert_answered_in_its_room(hub, sats["kitchen"], "kitchen", "france", since)
+    assert "detection" in sats["kitchen"].types
+    yes, answer = hub.ends("office", since)[:2]
+    assert yes.text == "Yes?" and yes.data["intent"] == "control"
+    assert "egg" in str(answer.data["request"]).lower() and answer.text
+    # No transcript for the wake phrase alone (it would have ended the stream early).
+    assert len(sats["office"].transcripts) == 1 and "egg" in sats["office"].transcripts[0]
+    assert "jarvis" not in str(hub.ends("kitchen", since)[0].data["request"]).lower()
+    assert not hub.ends("bedroom", since) and not sats["bedroom"].replies
+    assert not any(e.room == "bedroom" and e.type is EventType.SPEECH_STARTED
+                   for e in hub.events[since:])  # the gate kept it from the endpointer
 
 
 def test_odd_but_usable_satellites_are_answered(
@@ -254,3 +298,44 @@ def test_a_satellite_killed_mid_utterance_comes_back_and_is_answered(
 def test_hub_settings_have_no_satellites_by_default(tmp_path: Path) -> None:
     assert not hub_settings(tmp_path).satellites.enabled
     assert free_port() > 0
+
+
+@pytest.mark.parametrize("own_wake_word", [False, True])
+def test_jarvis_satellite_on_alsa_devices_is_driven_by_the_hub(
+        hub: Hub, spoken: Callable[[str], FloatArray], tmp_path: Path,
+        own_wake_word: bool) -> None:
+    """``jarvis satellite`` (a real process; its microphone and speaker are ALSA
+    ``file`` devices) as a room: streaming all the time, or after its own wake word
+    (the phrase, in its pre-roll, is taken off the request). The reply is played on
+    its speaker."""
+    from tests.test_satellite_cmd import SatelliteProcess
+
+    text = ("Hey Jarvis, " if own_wake_word else "") + REQUESTS["kitchen"][0]
+    mic = np.concatenate([np.zeros(ASR_RATE // 2, np.float32), spoken(text)])
+    sat = SatelliteProcess(tmp_path / "den", to_int16(mic),
+                           JARVIS_WAKE_WORD="hey_jarvis" if own_wake_word else "off")
+    since = len(hub.events)
+
+    async def go() -> Rooms:
+        rooms = hub.rooms({"den": f"tcp://127.0.0.1:{sat.port}"})
+        await rooms.start()
+        try:
+            await hub.wait(lambda: bool(hub.ends("den", since)), 60, "the den's answer")
+            await hub.wait(lambda: rooms.links["den"].stats.played >= 1, 30, "played")
+        finally:
+            await rooms.stop()
+        return rooms
+
+    try:
+        rooms = hub.run(go(), 120)
+        assert isinstance(rooms, Rooms)
+    finally:
+        sat.stop()
+    end = hub.ends("den", since)[0]
+    assert end.outcome is Outcome.ANSWERED and "france" in str(end.data["request"]).lower()
+    assert "jarvis" not in str(end.data["request"]).lower()
+    played = strip_zeros(raw_int16(sat.speaker))
+    said = asr_text(hub, played.astype(np.float32) / 32768, hub.assistant.tts.sample_rate)  # type: ignore[union-attr]
+    assert len(words(said) & words(end.text)) >= max(1, len(words(end.text)) // 2), \
+        (said, end.text)
+    assert rooms.links["den"].stats.replies == 1

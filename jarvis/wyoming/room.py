@@ -52,9 +52,16 @@ from jarvis.config import Settings
 from jarvis.errors import JarvisError
 from jarvis.speech.silero import Endpointer
 from jarvis.speech.tts import TtsChunk
+from jarvis.speech.wakeword import is_bundled
 from jarvis.voice.assembly import Assistant
 from jarvis.voice.events import EventType, Source, TurnEvent
-from jarvis.voice.listening import AWAKE_S, FrontEnd, make_front_end, plan_listening
+from jarvis.voice.listening import (
+    AWAKE_S,
+    FrontEnd,
+    make_front_end,
+    plan_listening,
+    strip_wake_phrase,
+)
 from jarvis.voice.pipeline import VoicePipeline
 from jarvis.wyoming.protocol import MAX_LINE_BYTES, ProtocolError, encode_event, read_event
 from jarvis.wyoming.room_audio import FloodError, RoomAudio, RoomAudioError
@@ -101,6 +108,9 @@ class RoomStats:
     early_audio: int = 0
     """Audio chunks sent before ``run-satellite`` (dropped)."""
     replies: int = 0
+    played: int = 0
+    """Replies the satellite said it finished playing (``played``; not every satellite
+    says so)."""
 
 
 class SatelliteSink:
@@ -153,9 +163,13 @@ class RoomLink:
         self.connected = asyncio.Event()
         """Set while a session is running (tests and benchmarks wait on it)."""
         self._writer: asyncio.StreamWriter | None = None
-        self._pipelines: dict[bool, VoicePipeline] = {}
+        self._pipelines: dict[tuple[bool, str], VoicePipeline] = {}
         self._pipeline_task: asyncio.Task[None] | None = None
         self._local_wake: bool | None = None
+        self._running_key: tuple[bool, str] | None = None
+        """The pipeline listening now (see :meth:`_pipeline_key`)."""
+        self._wake_name = ""
+        """The satellite's own wake word (from its ``detection``), if it has one."""
         self._expect_audio_since: float | None = None
         self._pong_at: float | None = None
         self._ping_at = 0.0
@@ -279,7 +293,7 @@ class RoomLink:
     async def _end_session(self) -> None:
         self.connected.clear()
         self.available = False
-        self._local_wake = None
+        self._local_wake = self._running_key = None
         self._expect_audio_since = None
         self._pong_at = None
         self._released_at = None
@@ -303,7 +317,12 @@ class RoomLink:
                 self._on_audio(event)
             elif kind == "run-pipeline":
                 stage = event.data.get("start_stage")
+                if isinstance(name := event.data.get("wake_word_name"), str):
+                    self._wake_name = name
                 self._start_stream(local_wake=stage == "asr")
+            elif kind == "detection":  # its own wake word fired; a run-pipeline follows
+                if isinstance(name := event.data.get("name"), str):
+                    self._wake_name = name
             elif kind == "audio-start":
                 self._expect_audio_since = self._expect_audio_since or time.monotonic()
             elif kind == "audio-stop":
@@ -314,7 +333,8 @@ class RoomLink:
                 self.send_now(Pong(text=event.data.get("text")).event())
             elif kind == "pong":
                 self._pong_at = time.monotonic()
-            elif kind == "played":
+            elif kind == "played":  # the reply has been heard: the room listens again
+                self.stats.played += 1
                 self.audio.unmute()
             elif kind == "error":
                 log.warning("room %s: the satellite reports an error: %s", self.name,
@@ -355,20 +375,27 @@ class RoomLink:
         self._expect_audio_since = time.monotonic()
         if local_wake:
             self._released_at = time.monotonic() + AWAKE_S
-        if self._local_wake == local_wake and self._pipeline_task is not None:
+        key = self._pipeline_key(local_wake)
+        if key == self._running_key and self._pipeline_task is not None:
             return
-        if self._pipeline_task is not None:
+        if self._pipeline_task is not None:  # the other kind of stream: start over
             self._pipeline_task.cancel()
             self.audio.close()
             self.audio = RoomAudio(self.name)
-        self._local_wake = local_wake
-        self._pipeline_task = asyncio.create_task(self._listen(local_wake))
+        self._local_wake, self._running_key = local_wake, key
+        self._pipeline_task = asyncio.create_task(self._listen(key))
 
-    async def _listen(self, local_wake: bool) -> None:
-        pipeline = self._pipelines.get(local_wake)
+    def _pipeline_key(self, local_wake: bool) -> tuple[bool, str]:
+        """Which pipeline: a local-wake one knows the satellite's wake phrase (its
+        pre-roll carries it: it is taken off the request)."""
+        name = self._wake_name.strip().lower().replace(" ", "_")
+        return (local_wake, name if local_wake and is_bundled(name) else "")
+
+    async def _listen(self, key: tuple[bool, str]) -> None:
+        pipeline = self._pipelines.get(key)
         if pipeline is None:
-            pipeline = await asyncio.to_thread(self._make_pipeline, local_wake)
-            self._pipelines[local_wake] = pipeline
+            pipeline = await asyncio.to_thread(self._make_pipeline, *key)
+            self._pipelines[key] = pipeline
         audio = self.audio
         try:
             await pipeline.run(audio.chunks(), SatelliteSink(self))
@@ -379,14 +406,15 @@ class RoomLink:
             if self._writer is not None:
                 self._writer.close()  # the session ends, the room reconnects
 
-    def _make_pipeline(self, local_wake: bool) -> VoicePipeline:
+    def _make_pipeline(self, local_wake: bool, wake_model: str) -> VoicePipeline:
         settings = self.settings
         pipeline_settings = settings.pipeline
         endpointer = Endpointer(settings.vad)
         front: FrontEnd
         if local_wake:
-            # The satellite heard its wake word: all it sends is the request.
-            pipeline_settings = replace(pipeline_settings, wake_word="")
+            # The satellite heard its wake word: all it sends is the request (with no
+            # gate, the pipeline takes the wake phrase off the transcript if it is there).
+            pipeline_settings = replace(pipeline_settings, wake_word=wake_model)
             front = FrontEnd(endpointer)
         else:
             plan = plan_listening(replace(pipeline_settings, echo_cancel="off"),
@@ -453,6 +481,13 @@ class RoomLink:
         elif kind is EventType.WAKE_WORD:
             self.send_now(Event("detection", {"name": str(event.data.get("phrase", ""))}))
         elif kind is EventType.TRANSCRIPT:
+            phrase = self._pipeline_key(True)[1].replace("_", " ")
+            if self._local_wake and phrase and not any(
+                    c.isalnum() for c in strip_wake_phrase(event.text, phrase)):
+                # The wake phrase alone ("hey jarvis ... what time is it"): the
+                # transcript would stop its stream before the request; keep it open.
+                self._released_at = time.monotonic() + AWAKE_S
+                return
             self.send_now(Event("transcript", {"text": event.text}))
         elif kind is EventType.TURN_END:
             self.stats.turns += 1

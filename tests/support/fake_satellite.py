@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from wyoming.audio import AudioChunk, AudioStart
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import Event
 from wyoming.info import Attribution, Info, Satellite
 from wyoming.pipeline import PipelineStage, RunPipeline
@@ -139,10 +139,10 @@ class Behaviour:
         """After ``run-satellite``."""
 
 
-def run_pipeline_event() -> Event:
+def run_pipeline_event(start: PipelineStage = PipelineStage.WAKE) -> Event:
     """What wyoming-satellite sends on ``run-satellite`` when it streams always and has a
-    speaker: ``run-pipeline`` from wake to tts."""
-    return RunPipeline(start_stage=PipelineStage.WAKE, end_stage=PipelineStage.TTS).event()
+    speaker: ``run-pipeline`` from wake to tts (from asr: after its own wake word)."""
+    return RunPipeline(start_stage=start, end_stage=PipelineStage.TTS).event()
 
 
 UNKNOWN_EVENTS = (
@@ -170,6 +170,10 @@ class Normal(Behaviour):
     send_audio_start: bool = False
     unknown_first: bool = False
     unknown_every: int = 0
+    local_wake: bool = False
+    """Like wyoming-satellite with a wake word of its own: ``detection``, then
+    ``run-pipeline`` from asr and ``audio-start``, the audio, until the hub's
+    ``transcript``; then ``audio-stop`` and nothing more."""
 
     def __post_init__(self) -> None:
         self.audio = as_int16(self.audio)
@@ -182,9 +186,12 @@ class Normal(Behaviour):
         if self.unknown_first:
             for event in UNKNOWN_EVENTS:
                 await link.send(event)
-        await link.send(run_pipeline_event())
+        if self.local_wake:
+            await link.send(Event(type="detection", data={"name": "hey_jarvis"}))
+        await link.send(run_pipeline_event(
+            PipelineStage.ASR if self.local_wake else PipelineStage.WAKE))
         sat.mark("run_pipeline")
-        if self.send_audio_start:
+        if self.send_audio_start or self.local_wake:
             await link.send(AudioStart(rate=self.rate, width=WIDTH,
                                        channels=self.channels).event())
         await self.stream(sat, link)
@@ -203,7 +210,12 @@ class Normal(Behaviour):
         silence = bytes(CHUNK_FRAMES * frame_bytes)
         t0 = time.monotonic()
         sent = 0
+        heard = len(sat.transcripts)
         while True:
+            if self.local_wake and len(sat.transcripts) > heard:
+                await link.send(AudioStop().event())  # the hub heard it: back to waking
+                sat.mark("stream_stopped")
+                return
             start = sent * frame_bytes
             chunk = pcm[start:start + len(silence)] if sent < frames else silence
             sent += CHUNK_FRAMES
@@ -294,6 +306,11 @@ def flood(seconds: float = 60.0) -> Flood:
 def silent() -> Silent:
     """``run-pipeline`` and then no audio at all."""
     return Silent()
+
+
+def local_wake(audio: npt.NDArray[np.generic]) -> Normal:
+    """A satellite whose own wake word fired: it streams ``audio`` as the request."""
+    return Normal(audio, local_wake=True)
 
 
 def rate_48k_stereo(audio: npt.NDArray[np.generic]) -> Normal:

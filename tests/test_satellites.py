@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from wyoming.event import Event
 
 from jarvis.audio import ASR_RATE, resample
 from jarvis.audio.formats import FloatArray, to_int16
@@ -55,12 +57,13 @@ class Hub:
         return self.loop.run(coro, timeout)  # type: ignore[arg-type]
 
     def rooms(self, satellites: dict[str, str], *, wake_word: str = "",
-              **changes: object) -> Rooms:
+              echo_cancel: str = "auto", **changes: object) -> Rooms:
         settings = replace(
             self.settings,
             satellites=replace(self.settings.satellites,
                                satellites=tuple(satellites.items()), **changes),
-            pipeline=replace(self.settings.pipeline, wake_word=wake_word))
+            pipeline=replace(self.settings.pipeline, wake_word=wake_word,
+                             echo_cancel=echo_cancel))
         return Rooms(self.assistant, settings)
 
     def ends(self, room: str, since: int = 0) -> list[TurnEvent]:
@@ -126,7 +129,7 @@ def assert_answered_in_its_room(hub: Hub, sat: FakeSatellite, room: str, key: st
 
 def serve_rooms(hub: Hub, sats: dict[str, FakeSatellite], *, until: Callable[[], bool],
                 timeout: float = 90.0, extra: dict[str, str] | None = None,
-                wake_word: str = "", **changes: object) -> Rooms:
+                wake_word: str = "", echo_cancel: str = "auto", **changes: object) -> Rooms:
     """Start the fakes, drive them as rooms until ``until()``, stop everything."""
 
     async def go() -> Rooms:
@@ -134,7 +137,7 @@ def serve_rooms(hub: Hub, sats: dict[str, FakeSatellite], *, until: Callable[[],
         for name, sat in sats.items():
             uris[name] = f"tcp://127.0.0.1:{await sat.start()}"
         uris.update(extra or {})
-        rooms = hub.rooms(uris, wake_word=wake_word, **changes)
+        rooms = hub.rooms(uris, wake_word=wake_word, echo_cancel=echo_cancel, **changes)
         await rooms.start()
         try:
             await hub.wait(until, timeout, "the rooms")
@@ -338,4 +341,93 @@ def test_jarvis_satellite_on_alsa_devices_is_driven_by_the_hub(
     said = asr_text(hub, played.astype(np.float32) / 32768, hub.assistant.tts.sample_rate)  # type: ignore[union-attr]
     assert len(words(said) & words(end.text)) >= max(1, len(words(end.text)) // 2), \
         (said, end.text)
-    assert rooms.links["den"].stats.replies == 1
+    assert len(rooms.links["den"].speaker.replies) == 1
+
+
+def test_satellites_found_by_zeroconf_become_rooms(
+        hub: Hub, spoken: Callable[[str], FloatArray]) -> None:
+    """JARVIS_SATELLITE_DISCOVERY=true: a satellite advertised over mDNS is driven as a
+    room named after it; a Wyoming service that is not a satellite is left alone."""
+    from jarvis.wyoming.protocol import encode_event, read_event
+    from jarvis.wyoming.zeroconf import Advertiser
+
+    sat = FakeSatellite(fake.normal(spoken(REQUESTS["garage"][0]), lead_s=0.3),
+                        name="Garage Pi")
+    described: list[str] = []
+
+    async def not_a_satellite(reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        while (event := await read_event(reader)) is not None:
+            described.append(event.type)
+            if event.type == "describe":
+                writer.write(encode_event(Event(type="info", data={"asr": []})))
+        writer.close()
+
+    since = len(hub.events)
+
+    async def go() -> Rooms:
+        port = await sat.start()
+        other = await asyncio.start_server(not_a_satellite, "127.0.0.1", 0)
+        adverts = [Advertiser("Garage Pi", port, "127.0.0.1"),
+                   Advertiser("speech-to-text", other.sockets[0].getsockname()[1],
+                              "127.0.0.1")]
+        for advert in adverts:
+            assert await advert.start()
+        rooms = hub.rooms({}, discovery=True)
+        await rooms.start()
+        try:
+            await hub.wait(lambda: bool(hub.ends("garage-pi", since) and sat.replies
+                                        and sat.replies[0].complete and described),
+                           60, "the discovered room's answer")
+        finally:
+            await rooms.stop()
+            for advert in adverts:
+                await advert.stop()
+            other.close()
+            await sat.stop()
+        return rooms
+
+    rooms = hub.run(go(), 120)
+    assert isinstance(rooms, Rooms)
+    assert set(rooms.links) == {"garage-pi"}
+    assert described == ["describe"]  # asked what it is, and left alone
+    assert_answered_in_its_room(hub, sat, "garage-pi", "painter", since)
+
+
+@pytest.mark.parametrize("echo_cancel", ["auto", "off"])
+def test_a_room_does_not_answer_its_own_echo_and_speech_over_a_reply_cuts_it(
+        hub: Hub, spoken: Callable[[str], FloatArray], echo_cancel: str) -> None:
+    """Satellites whose microphones hear their replies. With echo cancellation (the
+    replies sent are the reference) the echo is not taken for speech and talking over
+    a reply stops it within a fraction of a second, then is answered; without, the room
+    is half duplex: the echo is not heard either, nor is anyone talking over it."""
+    story = "Tell me a long story about a dragon and a castle."
+    sats = {
+        "kitchen": FakeSatellite(fake.echo_room(spoken(REQUESTS["kitchen"][0])),
+                                 name="kitchen"),
+        "bedroom": FakeSatellite(fake.echo_room(
+            spoken(story), interrupt=spoken(REQUESTS["office"][0]), interrupt_after_s=1.0),
+            name="bedroom"),
+    }
+    since = len(hub.events)
+    cancelling = echo_cancel == "auto"
+    rooms = serve_rooms(hub, sats, echo_cancel=echo_cancel, until=lambda: bool(
+        len(hub.ends("bedroom", since)) >= (2 if cancelling else 1)
+        and sats["kitchen"].replies and sats["kitchen"].replies[0].complete
+        and hub.ends("kitchen", since)
+        and time.monotonic() > (sats["kitchen"].replies[0].stopped_at or 0) + 3.0))
+    kitchen = hub.ends("kitchen", since)
+    assert len(kitchen) == 1 and not kitchen[0].data["interrupted"]  # no echo turns
+    first = hub.ends("bedroom", since)[0]
+    assert "dragon" in str(first.data["request"]).lower()
+    if cancelling:
+        interrupted_at = sats["bedroom"].marks["interrupt"]
+        reply = sats["bedroom"].replies[0]
+        assert first.data["interrupted"] and first.outcome is Outcome.CANCELLED
+        assert reply.stopped_at is not None and reply.stopped_at - interrupted_at < 1.5
+        assert rooms.links["bedroom"].speaker.replies[0] < 3.0  # seconds sent: cut
+        second = hub.ends("bedroom", since)[1]
+        assert "egg" in str(second.data["transcript"]).lower()
+    else:
+        assert not first.data["interrupted"]
+        assert all(not e.data["interrupted"] for e in hub.ends("bedroom", since))

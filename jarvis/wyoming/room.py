@@ -36,22 +36,19 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import Event
 from wyoming.info import Describe
 from wyoming.ping import Ping, Pong
 from wyoming.satellite import RunSatellite
 
-from jarvis.audio.formats import to_int16
+from jarvis.audio.echo import EchoReference
 from jarvis.config import Settings
 from jarvis.errors import JarvisError
 from jarvis.speech.silero import Endpointer
-from jarvis.speech.tts import TtsChunk
 from jarvis.speech.wakeword import is_bundled
 from jarvis.voice.assembly import Assistant
 from jarvis.voice.events import EventType, Source, TurnEvent
@@ -65,6 +62,7 @@ from jarvis.voice.listening import (
 from jarvis.voice.pipeline import VoicePipeline
 from jarvis.wyoming.protocol import MAX_LINE_BYTES, ProtocolError, encode_event, read_event
 from jarvis.wyoming.room_audio import FloodError, RoomAudio, RoomAudioError
+from jarvis.wyoming.room_sink import RoomSpeaker, SatelliteSink
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +71,6 @@ INFO_TIMEOUT_S = 5.0
 PING_EVERY_S = 5.0
 PONG_TIMEOUT_S = 10.0
 """A satellite that has answered pings and stops answering for this long is gone."""
-PLAYBACK_TAIL_S = 0.3
-"""After a reply's last sample is due on the satellite, how long its microphone is
-still treated as hearing it (network and device buffers)."""
-REPLY_CHUNK_SAMPLES = 2048
 STEADY_S = 10.0
 """A session that lasted this long resets the reconnection backoff."""
 _IGNORED = frozenset({"streaming-started", "streaming-stopped", "satellite-connected",
@@ -107,43 +101,20 @@ class RoomStats:
     ignored_events: int = 0
     early_audio: int = 0
     """Audio chunks sent before ``run-satellite`` (dropped)."""
-    replies: int = 0
     played: int = 0
     """Replies the satellite said it finished playing (``played``; not every satellite
     says so)."""
 
 
-class SatelliteSink:
-    """Plays replies on the room's satellite: ``audio-start``, the chunks as they are
-    synthesised, ``audio-stop``; returns once the reply has had time to be heard, so
-    the room is ``speaking`` until then and its microphone hears silence meanwhile."""
+@dataclass
+class _Listener:
+    """A room's voice pipeline and how its speaker is heard."""
 
-    def __init__(self, link: RoomLink) -> None:
-        self.link = link
-
-    async def play(self, chunks: AsyncIterable[TtsChunk], rate: int) -> None:
-        link = self.link
-        started: float | None = None
-        heard_s = 0.0
-        try:
-            async for chunk in chunks:
-                if started is None:
-                    started = time.monotonic()
-                    await link.send(AudioStart(rate=rate, width=2, channels=1).event())
-                pcm = to_int16(chunk.samples).tobytes()
-                step = REPLY_CHUNK_SAMPLES * 2
-                for i in range(0, len(pcm), step):
-                    link.send_now(AudioChunk(rate=rate, width=2, channels=1,
-                                             audio=pcm[i:i + step]).event())
-                heard_s += chunk.duration_s
-                link.audio.mute_until(started + heard_s + PLAYBACK_TAIL_S)
-                await link.drain()
-        finally:
-            if started is not None:
-                link.send_now(AudioStop().event())
-                link.stats.replies += 1
-        if started is not None:
-            await asyncio.sleep(max(0.0, started + heard_s - time.monotonic()))
+    pipeline: VoicePipeline
+    reference: EchoReference | None
+    """The echo canceller's far end (None without echo cancellation)."""
+    half_duplex: bool
+    """The microphone is heard as silence while a reply plays."""
 
 
 class RoomLink:
@@ -163,7 +134,11 @@ class RoomLink:
         self.connected = asyncio.Event()
         """Set while a session is running (tests and benchmarks wait on it)."""
         self._writer: asyncio.StreamWriter | None = None
-        self._pipelines: dict[tuple[bool, str], VoicePipeline] = {}
+        self._pipelines: dict[tuple[bool, str], _Listener] = {}
+        self._listener: _Listener | None = None
+        self.speaker = RoomSpeaker(self.send, self.send_now, lambda: self.audio,
+                                   self._reference, self._half_duplex)
+        """The room's speaker: its satellite (what was sent: ``speaker.replies``)."""
         self._pipeline_task: asyncio.Task[None] | None = None
         self._local_wake: bool | None = None
         self._running_key: tuple[bool, str] | None = None
@@ -293,7 +268,7 @@ class RoomLink:
     async def _end_session(self) -> None:
         self.connected.clear()
         self.available = False
-        self._local_wake = self._running_key = None
+        self._local_wake = self._running_key = self._listener = None
         self._expect_audio_since = None
         self._pong_at = None
         self._released_at = None
@@ -391,14 +366,23 @@ class RoomLink:
         name = self._wake_name.strip().lower().replace(" ", "_")
         return (local_wake, name if local_wake and is_bundled(name) else "")
 
+    def _reference(self) -> EchoReference | None:
+        return self._listener.reference if self._listener is not None else None
+
+    def _half_duplex(self) -> bool:
+        return self._listener is None or self._listener.half_duplex
+
     async def _listen(self, key: tuple[bool, str]) -> None:
-        pipeline = self._pipelines.get(key)
-        if pipeline is None:
-            pipeline = await asyncio.to_thread(self._make_pipeline, *key)
-            self._pipelines[key] = pipeline
+        listener = self._pipelines.get(key)
+        if listener is None:
+            listener = await asyncio.to_thread(self._make_pipeline, *key)
+            self._pipelines[key] = listener
+        self._listener = listener
+        if listener.reference is not None:
+            listener.reference.clear()
         audio = self.audio
         try:
-            await pipeline.run(audio.chunks(), SatelliteSink(self))
+            await listener.pipeline.run(audio.chunks(), SatelliteSink(self.speaker))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -406,27 +390,36 @@ class RoomLink:
             if self._writer is not None:
                 self._writer.close()  # the session ends, the room reconnects
 
-    def _make_pipeline(self, local_wake: bool, wake_model: str) -> VoicePipeline:
+    def _make_pipeline(self, local_wake: bool, wake_model: str) -> _Listener:
+        """The room's voice loop. Streaming all the time, it is the local microphone's:
+        the hub's wake word, echo cancellation with the replies sent as the reference
+        and barge-in as JARVIS_ECHO_CANCEL and JARVIS_BARGE_IN say (half duplex when
+        there is no echo cancellation). After the satellite's own wake word, all it
+        sends is the request, and speech over a reply (it woke again) interrupts it."""
         settings = self.settings
         pipeline_settings = settings.pipeline
         endpointer = Endpointer(settings.vad)
         front: FrontEnd
+        reference: EchoReference | None = None
         if local_wake:
-            # The satellite heard its wake word: all it sends is the request (with no
-            # gate, the pipeline takes the wake phrase off the transcript if it is there).
+            # With no gate, the pipeline takes the wake phrase (in the satellite's
+            # pre-roll) off the transcript.
             pipeline_settings = replace(pipeline_settings, wake_word=wake_model)
-            front = FrontEnd(endpointer)
+            front, barge_in, half_duplex = FrontEnd(endpointer), True, False
         else:
-            plan = plan_listening(replace(pipeline_settings, echo_cancel="off"),
-                                  speaker=False, microphone=False)
-            front = make_front_end(plan, endpointer, None,
+            plan = plan_listening(pipeline_settings, speaker=True, microphone=True)
+            reference = EchoReference() if plan.echo_cancel else None
+            front = make_front_end(plan, endpointer, reference,
                                    threshold=pipeline_settings.wake_threshold)
+            barge_in, half_duplex = plan.barge_in, not plan.echo_cancel and not plan.barge_in
+            log.info("room %s: %s", self.name, "; ".join(plan.lines()))
         asr = self.assistant.asr
         assert asr is not None
-        return VoicePipeline(self.assistant.responder, asr, pipeline_settings,
-                             front_end=front, silence_ms=settings.vad.silence_ms,
-                             conversation_id=conversation_of(self.name), barge_in=False,
-                             source=Source.SATELLITE, room=self.name)
+        pipeline = VoicePipeline(self.assistant.responder, asr, pipeline_settings,
+                                 front_end=front, silence_ms=settings.vad.silence_ms,
+                                 conversation_id=conversation_of(self.name),
+                                 barge_in=barge_in, source=Source.SATELLITE, room=self.name)
+        return _Listener(pipeline, reference, half_duplex)
 
     # ------------------------------------------------------------------ watchdog
 

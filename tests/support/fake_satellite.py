@@ -282,6 +282,77 @@ class Silent(Behaviour):
         sat.mark("run_pipeline")
 
 
+@dataclass
+class EchoRoom(Behaviour):
+    """A satellite in a room that echoes: its microphone hears ``audio`` (16 kHz
+    mono), plus every reply the hub sends, played in real time from the reply's first
+    chunk and heard ``echo_delay_s`` later at ``echo_gain``; and, ``interrupt_after_s``
+    into the first reply, ``interrupt`` (someone talking over the reply)."""
+
+    audio: Int16Array
+    lead_s: float = 0.3
+    echo_gain: float = 0.5
+    echo_delay_s: float = 0.08
+    interrupt: Int16Array | None = None
+    interrupt_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.audio = as_int16(self.audio)
+        if self.interrupt is not None:
+            self.interrupt = as_int16(self.interrupt)
+
+    async def on_run(self, sat: FakeSatellite, link: Link) -> None:
+        await link.send(run_pipeline_event())
+        speech = np.concatenate([np.zeros(round(self.lead_s * RATE), np.int16), self.audio])
+        t0 = time.monotonic()
+        sent = 0
+        barge_at: float | None = None
+        while True:
+            t = t0 + sent / RATE
+            mic = np.zeros(CHUNK_FRAMES, np.float64)
+            own = speech[sent:sent + CHUNK_FRAMES]
+            mic[:len(own)] += own
+            mic += self._echo(sat, t)
+            if self.interrupt is not None:
+                first = sat.replies[0].first_chunk_at if sat.replies else None
+                if barge_at is None and first is not None:
+                    barge_at = first + self.interrupt_after_s
+                if barge_at is not None and t >= barge_at:
+                    at = round((t - barge_at) * RATE)
+                    part = self.interrupt[at:at + CHUNK_FRAMES]
+                    mic[:len(part)] += part
+                    if "interrupt" not in sat.marks:
+                        sat.mark("interrupt")
+            sent += CHUNK_FRAMES
+            await asyncio.sleep(max(0.0, t0 + sent / RATE - time.monotonic()))
+            await link.send(AudioChunk(rate=RATE, width=WIDTH, channels=1, audio=np.clip(
+                mic, -32768, 32767).astype(np.int16).tobytes()).event())
+            sat.frames_sent += CHUNK_FRAMES
+
+    def _echo(self, sat: FakeSatellite, t: float) -> npt.NDArray[np.float64]:
+        """The replies' sound at the microphone over the chunk starting at ``t``."""
+        out = np.zeros(CHUNK_FRAMES, np.float64)
+        for reply in sat.replies:
+            if reply.first_chunk_at is None or reply.channels != 1:
+                continue
+            played = np.frombuffer(bytes(reply.audio), np.int16)
+            start = (t - reply.first_chunk_at - self.echo_delay_s) * reply.rate
+            positions = start + np.arange(CHUNK_FRAMES) * reply.rate / RATE
+            inside = (positions >= 0) & (positions < len(played) - 1)
+            if inside.any():
+                out[inside] += self.echo_gain * np.interp(
+                    positions[inside], np.arange(len(played)), played)
+        return out
+
+
+def echo_room(audio: npt.NDArray[np.generic], *,
+              interrupt: npt.NDArray[np.generic] | None = None,
+              interrupt_after_s: float = 1.0) -> EchoRoom:
+    """A room whose satellite hears the replies (see :class:`EchoRoom`)."""
+    return EchoRoom(as_int16(audio), interrupt=None if interrupt is None
+                    else as_int16(interrupt), interrupt_after_s=interrupt_after_s)
+
+
 def normal(audio: npt.NDArray[np.generic], *, lead_s: float = 0.0) -> Normal:
     """Paced audio after ``run-satellite``, then silence (see :class:`Normal`)."""
     return Normal(as_int16(audio), lead_s=lead_s)

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jarvis.errors import ConfigError, JarvisError
-from jarvis.models import check_gguf, default_llm_path
+from jarvis.models import check_gguf, default_llm_path, starter_llm_path
 
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -345,6 +345,15 @@ def _show_llm_url(value: object) -> str:
     return str(value) or "(empty: the in-process llama.cpp engine answers)"
 
 
+NO_MODEL = Path()
+"""The model path of settings loaded with ``load_settings(model=False)`` when
+JARVIS_MODEL_PATH is unset and the starter model is not installed (a satellite)."""
+
+
+def _show_model_path(value: object) -> str:
+    return "(none: the starter model is not installed)" if value == NO_MODEL else str(value)
+
+
 SHOWN_CHARS = 80
 """At most this many characters of a value appear in an error line."""
 
@@ -441,7 +450,8 @@ class Variable:
 VARIABLES: tuple[Variable, ...] = (
     # --- LLM
     Variable("JARVIS_MODEL_PATH", "llm", "model_path", _path, "",
-             "GGUF model file; empty = the bundled starter model (SmolLM2-135M-Instruct Q4_1)"),
+             "GGUF model file; empty = the bundled starter model (SmolLM2-135M-Instruct Q4_1)",
+             show=_show_model_path),
     Variable("JARVIS_MODEL_CONTEXT_WINDOW", "llm", "context_window", _int(64, 1 << 20), "4096",
              "context size in tokens; larger holds more history but costs KV memory"),
     Variable("JARVIS_PARALLEL", "llm", "parallel", _int(1, 64), "4",
@@ -956,12 +966,19 @@ def _env_file_from(env: Mapping[str, str]) -> Path | None:
 
 
 def load_settings(
-    environ: Mapping[str, str] | None = None, env_file: Path | None = None
+    environ: Mapping[str, str] | None = None, env_file: Path | None = None, *,
+    model: bool = True,
 ) -> Settings:
     """Build the validated :class:`Settings` (see the module docstring for sources).
 
     Every problem is a :class:`ConfigError` whose one line names the variable and
     quotes at most :data:`SHOWN_CHARS` characters of its value.
+
+    ``model=False`` is for a command that never loads the language model (``jarvis
+    satellite``, installed on a small board without it; ``jarvis config``): with
+    JARVIS_MODEL_PATH unset and no starter model installed, the model path is
+    :data:`NO_MODEL` instead of an error. A JARVIS_MODEL_PATH that is set is checked
+    all the same.
     """
     env = dict(os.environ if environ is None else environ)
     file_values: dict[str, str] = {}
@@ -999,16 +1016,19 @@ def load_settings(
             raise ConfigError(f"{var.name}={value} is invalid: {exc}") from None
 
     llm = values["llm"]
-    _resolve_llm(llm, sources)
+    _resolve_llm(llm, sources, model=model)
     _resolve_speech(values["asr"], values["tts"])
     _resolve_mqtt(values["mqtt"])
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
     return Settings(**sections, sources=sources, warnings=tuple(warnings))
 
 
-def _resolve_llm(llm: dict[str, Any], sources: dict[str, str]) -> None:
+def _resolve_llm(llm: dict[str, Any], sources: dict[str, str], *, model: bool) -> None:
     """Cross-field rules and files the LLM section refers to."""
-    llm["model_path"] = _model_path(llm["model_path"])
+    if model or llm["model_path"] is not None or starter_llm_path() is not None:
+        llm["model_path"] = _model_path(llm["model_path"])
+    else:
+        llm["model_path"] = NO_MODEL  # a command that loads no model, none installed
     if llm["n_threads_batch"] == 0:
         llm["n_threads_batch"] = llm["n_threads"]
     if llm["n_ubatch"] > llm["n_batch"]:

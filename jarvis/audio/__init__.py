@@ -7,9 +7,8 @@
     files.py      read WAV/FLAC/... as 16 kHz mono, write WAV, a file as a stream
     devices.py    list devices, choose one by name or index
     stream.py     Microphone (async chunks in), Speaker (async chunks out)
-    vad.py        the endpointing state machine (pure: frames in, events out)
-    silero.py     Silero VAD scoring and the Endpointer that combines both
-    piper_voice.py  a piper voice whose waveform decoder runs in pieces (used by jarvis.speech.tts)
+    paced.py      a microphone read never faster than real time (the satellite's)
+    echo.py       echo cancellation: the speaker's reference, AEC3, the echo delay
 
 Importing this package does not load PortAudio; it loads on first use. Voice activity
 detection lives in :mod:`jarvis.speech`. This package imports nothing else of Jarvis

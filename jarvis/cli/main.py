@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jarvis")
 _QUIET_COMMANDS = {"ask", "config", "cache"}
+_MODEL_FREE_COMMANDS = {"config", "devices", "satellite"}
+"""Commands that never load the language model: they run where none is installed (a
+satellite's board, see requirements-satellite.txt)."""
 
 DEMO_REQUESTS = (
     "Hey Jarvis, what can you help me with?",
@@ -41,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        settings = load_settings()
+        settings = load_settings(model=args.command not in _MODEL_FREE_COMMANDS)
         level = settings.general.log_level
         if args.command in _QUIET_COMMANDS and settings.sources["JARVIS_LOG_LEVEL"] == "default":
             level = "WARNING"  # one-shot commands print results, not start-up chatter
@@ -96,12 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     config.set_defaults(handler=_cmd_config)
 
     from jarvis.cli.mqtt import register as register_mqtt
+    from jarvis.cli.satellite import register as register_satellite
     from jarvis.cli.speech import register as register_speech
     from jarvis.cli.wyoming import register as register_wyoming
 
     register_speech(sub)
     register_mqtt(sub)
     register_wyoming(sub)
+    register_satellite(sub)
 
     cache = sub.add_parser("cache", help="inspect or empty the persistent context cache")
     cache.add_argument("action", choices=("stats", "clear"))
@@ -402,6 +408,7 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
     bridge_task: asyncio.Task[None] | None = None
     stop_bridge = asyncio.Event()
     wyoming: WyomingServer | None = None
+    stack = contextlib.AsyncExitStack()
     try:
         if settings.mqtt.enabled:
             from jarvis.home.hub import attach_mqtt
@@ -410,6 +417,11 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
             bridge_task = asyncio.create_task(bridge.run(stop_bridge))
         if settings.wyoming.enabled:  # Home Assistant's voice services, the same responder
             wyoming = await start_wyoming(settings, assistant)
+        if settings.satellites.enabled:  # a room per satellite, the same responder
+            from jarvis.wyoming.rooms import satellite_service
+
+            rooms = await stack.enter_async_context(satellite_service(settings)(assistant))
+            log.info("rooms: %s", ", ".join(rooms.links) or "(found on the network)")
         if args.input is not None:
             # Streamed from disk at the pace of the audio (bounded memory for long files);
             # the endpointer closes the last utterance when the file ends.
@@ -419,6 +431,7 @@ async def _run_voice(args: argparse.Namespace, settings: Settings) -> int:
                 log.info("listening (Ctrl-C to stop)")
                 await pipeline.run(mic, sink)
     finally:
+        await asyncio.shield(stack.aclose())
         if wyoming is not None:
             await asyncio.shield(wyoming.stop())
         if bridge_task is not None:

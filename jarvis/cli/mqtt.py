@@ -18,8 +18,6 @@ import signal
 from collections.abc import Callable
 
 from jarvis.config import Settings
-from jarvis.home.bridge import MqttConfigError
-from jarvis.home.hub import run_hub
 
 log = logging.getLogger("jarvis")
 
@@ -38,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def hub_handler(args: argparse.Namespace, settings: Settings) -> int:
     """Run the hub until SIGINT/SIGTERM; 0 after a clean stop."""
+    from jarvis.home.bridge import MqttConfigError  # the hub's stack: not for the parser
+
     if not settings.mqtt.enabled and not settings.satellites.enabled:
         raise MqttConfigError("the hub needs MQTT or satellites: set JARVIS_MQTT_HOST (and "
                               "JARVIS_MQTT_PORT, JARVIS_MQTT_USERNAME, ... as needed) or "
@@ -50,6 +50,7 @@ async def _serve(settings: Settings) -> int:
     install_stop_signals(asyncio.get_running_loop(), stop.set)
     # JARVIS_WYOMING_URI: Wyoming beside MQTT; JARVIS_SATELLITES: a room per satellite.
     from jarvis.cli.wyoming import hub_services, serve
+    from jarvis.home.hub import run_hub
 
     if not settings.mqtt.enabled:
         return await serve(settings, stop)  # satellites without MQTT

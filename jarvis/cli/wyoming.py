@@ -13,9 +13,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
 
 from jarvis.config import Settings
-from jarvis.voice.assembly import Assistant
+
+if TYPE_CHECKING:  # the voice stack loads when a server runs, not to build the parser
+    from jarvis.voice.assembly import Assistant
 
 log = logging.getLogger("jarvis")
 
@@ -77,7 +80,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     return 0
 
 
-Service = Callable[[Assistant], contextlib.AbstractAsyncContextManager[object]]
+Service: TypeAlias = Callable[["Assistant"], contextlib.AbstractAsyncContextManager[object]]
 
 
 def hub_services(settings: Settings) -> list[Service]:

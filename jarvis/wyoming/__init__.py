@@ -1,4 +1,5 @@
-"""Jarvis as a Wyoming server for Home Assistant's voice stack (and any Wyoming client).
+"""Jarvis over the Wyoming protocol: a server for Home Assistant's voice stack (and any
+Wyoming client), the hub driving satellites, and a satellite of its own.
 
 ::
 
@@ -10,6 +11,14 @@
     handler.py    one connection: events in, answers out, bad input refused
     server.py     the listening socket, connections, zeroconf; start_wyoming()
     zeroconf.py   mDNS advertisement so Home Assistant discovers the server
+
+    rooms.py      the hub's rooms: one per satellite (JARVIS_SATELLITES, zeroconf)
+    room.py       one room: its satellite driven as Home Assistant would, its turns
+    room_audio.py a room's microphone: any PCM → 16 kHz mono, paced, muted while it speaks
+
+    satellite.py  ``jarvis satellite``: a microphone and speaker as a Wyoming satellite
+                  (the protocol, one controller at a time, the microphone stream)
+    satellite_playback.py  the replies a controller sends, played in turn → ``played``
 
 This package sits beside :mod:`jarvis.home` (neither imports the other): device
 commands reach MQTT through the responder's actuator, which the MQTT bridge sets when

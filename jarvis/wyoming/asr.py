@@ -19,13 +19,16 @@ runs for about one utterance in five, so the median stays the fast path.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jarvis.audio.formats import ASR_RATE, FloatArray, format_problem, to_float32, to_mono
 from jarvis.audio.resample import Resampler
-from jarvis.speech.asr import Transcript, WhisperAsr
 from jarvis.wyoming.protocol import WyomingError
+
+if TYPE_CHECKING:  # annotations only: the satellite decodes PCM with this module, no ASR
+    from jarvis.speech.asr import Transcript, WhisperAsr
 
 log = logging.getLogger(__name__)
 

@@ -50,6 +50,8 @@ class RoomSpeaker:
     half_duplex: Callable[[], bool]
     replies: list[float] = field(default_factory=list)
     """Seconds of each reply sent (cut replies are shorter)."""
+    first_sent: list[float] = field(default_factory=list)
+    """``time.monotonic()`` when each reply's first audio went to the satellite."""
 
 
 class SatelliteSink:
@@ -61,11 +63,13 @@ class SatelliteSink:
         self.lead_s = lead_s
         self._resumed = asyncio.Event()
         self._resumed.set()
-        self._playing = False
+        self._heard_until = 0.0
 
     @property
     def playing(self) -> bool:
-        return self._playing
+        """The satellite has reply audio to play now (waiting for the voice to
+        synthesise more is not playing: the echo canceller's watch must not fret)."""
+        return time.monotonic() < self._heard_until
 
     def pause(self) -> None:
         """Stop sending (a possible barge-in): the satellite plays what it holds."""
@@ -79,7 +83,6 @@ class SatelliteSink:
         start: float | None = None
         """When the reply's first sample is heard (shifted on by pauses)."""
         sent_s = 0.0
-        self._playing = True
         self._resumed.set()  # a pause was for the reply before (a barge-in cut it)
         try:
             async for chunk in chunks:
@@ -98,10 +101,13 @@ class SatelliteSink:
                                             - time.monotonic()))
                     await room.send(AudioChunk(rate=rate, width=2, channels=1,
                                                audio=piece.tobytes()).event())
+                    if not sent_s:
+                        room.first_sent.append(time.monotonic())
                     reference = room.reference()
                     if reference is not None:  # a satellite plays what it gets at once
                         reference.push(piece, rate)
                     sent_s += len(piece) / rate
+                    self._heard_until = start + sent_s - self.lead_s
                     if room.half_duplex():
                         room.audio().mute_until(start + sent_s + PLAYBACK_TAIL_S)
             if start is not None:  # the satellite still plays what it holds
@@ -110,4 +116,3 @@ class SatelliteSink:
             if start is not None:
                 room.send_now(AudioStop().event())
                 room.replies.append(sent_s)
-            self._playing = False

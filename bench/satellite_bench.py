@@ -124,6 +124,8 @@ ROOMS = {
 SATELLITE_ROOM = "lounge"
 """The room of the one satellite of part ``local``."""
 LEAD_S = 0.5
+CHUNK = [sat_mic.CHUNK_FRAMES]
+"""Samples per chunk of the satellites' microphones (``--satellite-chunk``)."""
 """Silence before each request (the local path's too), so the VAD hears it start."""
 GAP_S = 1.5
 """After a reply has played (and its satellite closed the snd command), before the
@@ -374,11 +376,12 @@ def start_satellite(python: Path, folder: Path, room: str, wavs: Sequence[Path],
     """A wyoming-satellite whose microphone says ``wavs``, WAV i once ``go-<i>`` exists."""
     folder.mkdir(parents=True)
     mic = sat_mic.mic_command(wavs, lead_s=LEAD_S, gap_s=0.2, marks=folder / "mic.jsonl",
-                              wait_for=str(folder / "go-"))
+                              wait_for=str(folder / "go-"), chunk_frames=CHUNK[0])
     snd = sat_snd.snd_command(folder / "snd.raw", marks=folder / "snd.jsonl")
-    proc = peers.start_wyoming_satellite(python, port=peers.free_port(), mic_command=mic,
-                                         snd_command=snd, name=room,
-                                         log_path=folder / "satellite.log")
+    proc = peers.start_wyoming_satellite(
+        python, port=peers.free_port(), mic_command=mic, snd_command=snd, name=room,
+        log_path=folder / "satellite.log",
+        extra_args=["--mic-command-samples-per-chunk", str(CHUNK[0])])
     procs.append(proc)
     return Satellite(room, proc, folder)
 
@@ -432,7 +435,7 @@ async def satellite_turn(hub: Hub, sat: Satellite, turn: Turn, index: int, since
     turn.v2v_s = heard_at - said_at
     # the chunk that held the last voiced sample ends at the next multiple of 1024 frames
     frame = int(spoken["frame"])
-    chunk_end = (frame // sat_mic.CHUNK_FRAMES + 1) * sat_mic.CHUNK_FRAMES
+    chunk_end = (frame // CHUNK[0] + 1) * CHUNK[0]
     voiced_at = said_at - (chunk_end - frame - 1) / ASR_RATE
     turn.sample_v2v_s = heard_at - voiced_at
     sent_at = next((t for t in (sat.link.speaker.first_sent if sat.link else [])
@@ -778,12 +781,13 @@ async def run(args: argparse.Namespace, tmp: Path, procs: list[peers.SatellitePr
     hub = Hub(assistant, settings)
     print(f"hub ready in {time.monotonic() - started:.1f} s; {args.rounds} round(s), "
           f"JARVIS_MAX_TOKENS={args.max_tokens}, JARVIS_PARALLEL={settings.llm.parallel}, "
-          f"endpoint silence {settings.vad.silence_ms} ms; wyoming-satellite "
+          f"endpoint silence {settings.vad.silence_ms} ms; satellite microphone chunks of "
+          f"{CHUNK[0]} samples; wyoming-satellite "
           f"{peers.WYOMING_SATELLITE_VERSION} from {python}", flush=True)
     report: dict[str, Any] = {
         "rounds": args.rounds, "max_tokens": args.max_tokens,
         "parallel": settings.llm.parallel, "silence_ms": settings.vad.silence_ms,
-        "cpus": os.cpu_count()}
+        "cpus": os.cpu_count(), "satellite_chunk": CHUNK[0]}
     try:
         probe = await asyncio.to_thread(snd_startup, tmp / "snd-probe", SND_PROBES)
         report["snd_startup"] = summary(probe)
@@ -818,7 +822,12 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary folder (satellite logs, marks, reply audio)")
+    p.add_argument("--satellite-chunk", type=int, default=sat_mic.CHUNK_FRAMES,
+                   help="samples per microphone chunk on the satellites (wyoming-satellite's "
+                        "--mic-command-samples-per-chunk; default %(default)s, its own "
+                        "default; the local path gets 512, as Jarvis's microphone)")
     args = p.parse_args()
+    CHUNK[0] = args.satellite_chunk
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     # the hub's warnings (a room unavailable, echo cancellation without its reference...)

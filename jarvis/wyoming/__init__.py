@@ -14,7 +14,8 @@ Wyoming client), the hub driving satellites, and a satellite of its own.
 
     rooms.py      the hub's rooms: one per satellite (JARVIS_SATELLITES, zeroconf)
     room.py       one room: its satellite driven as Home Assistant would, its turns
-    room_audio.py a room's microphone: any PCM → 16 kHz mono, paced, muted while it speaks
+    room_audio.py a room's microphone: any PCM → 16 kHz mono, never faster than real time
+    room_sink.py  a room's speaker: replies paced to the satellite, the echo reference
 
     satellite.py  ``jarvis satellite``: a microphone and speaker as a Wyoming satellite
                   (the protocol, one controller at a time, the microphone stream)

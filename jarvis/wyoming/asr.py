@@ -42,13 +42,18 @@ SAMPLE_WIDTHS = (1, 2, 3, 4)
 """Bytes per sample accepted: 8-bit unsigned, 16-, 24- and 32-bit signed PCM."""
 
 
+def pcm_problem(rate: int, width: int, channels: int) -> str | None:
+    """Why audio in this format cannot be read as PCM (None when it can)."""
+    if width not in SAMPLE_WIDTHS:
+        return f"sample width {width} bytes is not PCM (1, 2, 3 or 4)"
+    return format_problem(rate, channels)
+
+
 class AudioStream:
     """One utterance being received: its format, the audio so far at 16 kHz mono."""
 
     def __init__(self, rate: int, width: int, channels: int, *, max_s: float) -> None:
-        problem = format_problem(rate, channels)
-        if width not in SAMPLE_WIDTHS:
-            problem = f"sample width {width} bytes is not PCM this server reads (1, 2, 3 or 4)"
+        problem = pcm_problem(rate, width, channels)
         if problem is not None:
             raise WyomingError(f"audio-start: unsupported audio format: {problem}",
                                "unsupported_audio_format")

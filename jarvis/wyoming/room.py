@@ -152,6 +152,8 @@ class RoomLink:
         self._unsubscribe = assistant.bus.subscribe(self._on_event)
         self._released_at: float | None = None
         """A local-wake satellite's stream: when to give up on hearing a request."""
+        self._failure = ""
+        """Why the session is being ended from the hub's side ("" when it is not)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -165,7 +167,7 @@ class RoomLink:
                 started = time.monotonic()
                 try:
                     await self._session()
-                    reason = "the satellite closed the connection"
+                    reason = self._failure or "the satellite closed the connection"
                 except RoomError as exc:
                     reason = str(exc)
                 except ProtocolError as exc:
@@ -191,7 +193,7 @@ class RoomLink:
 
     async def _session(self) -> None:
         reader, writer = await self._connect()
-        self._writer = writer
+        self._writer, self._failure = writer, ""
         await self.send(Describe().event())
         await self._read_info(reader)
         await self.send(RunSatellite().event())
@@ -385,8 +387,9 @@ class RoomLink:
             await listener.pipeline.run(audio.chunks(), SatelliteSink(self.speaker))
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("room %s: the voice pipeline failed", self.name)
+            self._failure = f"its voice pipeline failed ({type(exc).__name__}; see the log)"
             if self._writer is not None:
                 self._writer.close()  # the session ends, the room reconnects
 

@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
-from jarvis.audio.formats import ASR_RATE, FloatArray, format_problem, to_mono
+from jarvis.audio.formats import ASR_RATE, FloatArray, to_mono
 from jarvis.audio.resample import Resampler
 from jarvis.errors import JarvisError
-from jarvis.wyoming.asr import SAMPLE_WIDTHS, decode_pcm, fmt_text
+from jarvis.wyoming.asr import decode_pcm, fmt_text, pcm_problem
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,7 @@ class RoomAudio:
 
     def _start_format(self, fmt: Format) -> None:
         rate, width, channels = fmt
-        problem = format_problem(rate, channels)
-        if width not in SAMPLE_WIDTHS:
-            problem = f"sample width {width} bytes is not PCM (1, 2, 3 or 4)"
+        problem = pcm_problem(rate, width, channels)
         if problem is not None:
             raise RoomAudioError(f"audio in an unsupported format ({fmt_text(fmt)}): {problem}")
         if self._format is not None:

@@ -80,7 +80,7 @@ from jarvis.wyoming.protocol import (
     read_event,
 )
 from jarvis.wyoming.satellite_playback import Reply, ReplyPlayer
-from jarvis.wyoming.zeroconf import Advertiser
+from jarvis.wyoming.zeroconf import Advertiser, advertise
 
 log = logging.getLogger(__name__)
 
@@ -243,15 +243,12 @@ class WyomingSatellite:
                 else "always streaming")
         log.info("satellite %r listening on %s: %s", options.name, where, mode)
         if parts.scheme == "tcp" and options.zeroconf:
-            self._advertiser = Advertiser(options.name, self.port, parts.hostname or "")
-            if not await self._advertiser.start():
-                self._advertiser = None
+            self._advertiser = await advertise(options.name, self.port, parts.hostname or "")
 
     async def stop(self) -> None:
         """Stop listening, close every connection and the devices."""
         if self._advertiser is not None:
-            with contextlib.suppress(Exception):
-                await self._advertiser.stop()
+            await self._advertiser.stop()
             self._advertiser = None
         if self._server is not None:
             self._server.close()

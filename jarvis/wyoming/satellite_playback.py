@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Callable
 from wyoming.event import Event
 
 from jarvis.audio.errors import AudioDeviceError
-from jarvis.audio.formats import ASR_RATE, FloatArray, format_problem, to_mono
+from jarvis.audio.formats import ASR_RATE, FloatArray, to_mono
 from jarvis.audio.resample import resample
 from jarvis.audio.stream import Speaker
-from jarvis.wyoming.asr import SAMPLE_WIDTHS, decode_pcm
+from jarvis.wyoming.asr import decode_pcm, pcm_problem
 from jarvis.wyoming.protocol import WyomingError, field
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,7 @@ def audio_format(event: Event) -> tuple[int, int, int]:
     PCM the satellite plays."""
     rate, width, channels = (field(event, "rate", int), field(event, "width", int),
                              field(event, "channels", int))
-    problem = format_problem(rate, channels)
-    if width not in SAMPLE_WIDTHS:
-        problem = f"sample width {width} bytes is not PCM (1, 2, 3 or 4)"
+    problem = pcm_problem(rate, width, channels)
     if problem is not None:
         raise WyomingError(f"{event.type}: unsupported audio format: {problem}",
                            "unsupported_audio_format")

@@ -31,7 +31,7 @@ from jarvis.voice.assembly import Assistant
 from jarvis.wyoming.handler import Connection, Services
 from jarvis.wyoming.info import build_info
 from jarvis.wyoming.protocol import MAX_LINE_BYTES, encode_event
-from jarvis.wyoming.zeroconf import Advertiser
+from jarvis.wyoming.zeroconf import Advertiser, advertise
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +90,12 @@ class WyomingServer:
         where = f"tcp://{parts.netloc.rsplit(':', 1)[0]}:{self.port}" if self.port else self.uri
         log.info("Wyoming server on %s: %s", where, ", ".join([*served, "handle"]))
         if parts.scheme == "tcp" and self.settings.zeroconf:
-            self._advertiser = Advertiser(self.name, self.port, parts.hostname or "")
-            if not await self._advertiser.start():
-                self._advertiser = None
+            self._advertiser = await advertise(self.name, self.port, parts.hostname or "")
 
     async def stop(self) -> None:
         """Stop listening, end every connection (a request in progress is cancelled)."""
         if self._advertiser is not None:
-            with contextlib.suppress(Exception):
-                await self._advertiser.stop()
+            await self._advertiser.stop()
             self._advertiser = None
         server, self._server = self._server, None
         if server is None:

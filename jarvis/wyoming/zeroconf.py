@@ -5,6 +5,7 @@ Home Assistant can always be given the host and port by hand."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -61,13 +62,18 @@ class Advertiser:
         return True
 
     async def stop(self) -> None:
+        """Withdraw the advertisement (never raises: the network may be gone)."""
         zeroconf, self._zeroconf = self._zeroconf, None
         if zeroconf is None:
             return
         try:
             await zeroconf.async_unregister_service(self._info)
+        except Exception as exc:
+            log.debug("zeroconf: withdrawing %r failed: %s", self.name, exc)
         finally:
-            await zeroconf.async_close()
+            with contextlib.suppress(Exception):
+                await zeroconf.async_close()
+
 
     def _address(self) -> str | None:
         """An IPv4 address other machines can reach: the bound one, else the one the
@@ -85,3 +91,10 @@ class Advertiser:
             except OSError:
                 return None
         return address if address != "0.0.0.0" else None
+
+
+async def advertise(name: str, port: int, host: str = "") -> Advertiser | None:
+    """An :class:`Advertiser` for ``name`` that is advertising, or None (warned) when
+    it cannot be done here."""
+    advertiser = Advertiser(name, port, host)
+    return advertiser if await advertiser.start() else None

@@ -60,7 +60,8 @@ Int16Array = npt.NDArray[np.int16]
 def mic_command(wavs: Sequence[Path], *, rate: int = 16000, channels: int = 1,
                 lead_s: float = 0.5, gap_s: float = 1.0, marks: Path | None = None,
                 loop_silence: bool = True, voiced_rms: float | None = None,
-                python: str | None = None, wait_for: str | None = None) -> list[str]:
+                python: str | None = None, wait_for: str | None = None,
+                chunk_frames: int = CHUNK_FRAMES) -> list[str]:
     """The argv that runs this script (under ``python``, default this interpreter)."""
     argv = [python or sys.executable, str(SCRIPT), *map(str, wavs), "--rate", str(rate),
             "--channels", str(channels), "--lead-s", str(lead_s), "--gap-s", str(gap_s),
@@ -71,6 +72,8 @@ def mic_command(wavs: Sequence[Path], *, rate: int = 16000, channels: int = 1,
         argv += ["--voiced-rms", str(voiced_rms)]
     if wait_for is not None:
         argv += ["--wait-for", wait_for]
+    if chunk_frames != CHUNK_FRAMES:
+        argv += ["--chunk-frames", str(chunk_frames)]
     return argv
 
 
@@ -191,16 +194,17 @@ class Marks:
 
 
 def stream(program: Program, *, rate: int, channels: int, loop_silence: bool,
-           out: IO[bytes], marks: Marks, wait_for: str | None = None) -> None:
+           out: IO[bytes], marks: Marks, wait_for: str | None = None,
+           chunk_frames: int = CHUNK_FRAMES) -> None:
     """Write ``program`` (then silence, if ``loop_silence``) to ``out`` paced by the
     sample clock, writing marks as their chunks go out."""
-    silence = bytes(CHUNK_FRAMES * 2 * channels)
+    silence = bytes(chunk_frames * 2 * channels)
     pending = [(first, "speech_start", i) for i, (first, _) in enumerate(program.speech)]
     pending += [(last, "speech_end", i) for i, (_, last) in enumerate(program.speech)]
     pending.sort()
     pcm = program.pcm
     if loop_silence:  # whole chunks, so the silence after it stays on the sample clock
-        pcm = np.concatenate([pcm, np.zeros(-len(pcm) % CHUNK_FRAMES, dtype=np.int16)])
+        pcm = np.concatenate([pcm, np.zeros(-len(pcm) % chunk_frames, dtype=np.int16)])
     audio_end, total = len(program.pcm), len(pcm)
     gates = [(start, f"{wait_for}{i}") for i, start in enumerate(program.starts)] \
         if wait_for else []
@@ -210,19 +214,19 @@ def stream(program: Program, *, rate: int, channels: int, loop_silence: bool,
     held = 0
     """Frames of silence sent while waiting for a gate (the sample clock runs on)."""
     while written < total or loop_silence:
-        if gates and written + CHUNK_FRAMES > gates[0][0]:
+        if gates and written + chunk_frames > gates[0][0]:
             if not os.path.exists(gates[0][1]):
-                held += CHUNK_FRAMES
+                held += chunk_frames
                 _sleep_until(t0 + (written + held) / rate)
                 out.write(silence)
                 out.flush()
                 continue
             gates.pop(0)
         if written < total:
-            end = min(written + CHUNK_FRAMES, total)
+            end = min(written + chunk_frames, total)
             chunk = interleave(pcm[written:end], channels)
         else:
-            end, chunk = written + CHUNK_FRAMES, silence
+            end, chunk = written + chunk_frames, silence
         _sleep_until(t0 + (end + held) / rate)
         out.write(chunk)
         out.flush()
@@ -248,6 +252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lead-s", type=float, default=0.5)
     parser.add_argument("--gap-s", type=float, default=1.0)
     parser.add_argument("--marks", type=Path)
+    parser.add_argument("--chunk-frames", type=int, default=CHUNK_FRAMES,
+                        help="frames per write (what a sound card delivers at once)")
     parser.add_argument("--wait-for", metavar="PREFIX",
                         help="before WAV i, silence until the file PREFIX<i> exists")
     parser.add_argument("--voiced-rms", type=float,
@@ -265,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         stream(program, rate=args.rate, channels=args.channels,
                loop_silence=args.loop_silence, out=sys.stdout.buffer, marks=marks,
-               wait_for=args.wait_for)
+               wait_for=args.wait_for, chunk_frames=args.chunk_frames)
     except (BrokenPipeError, KeyboardInterrupt):
         # The reader went away: stop quietly (and keep Python's exit-time flush of
         # stdout from complaining about the closed pipe).

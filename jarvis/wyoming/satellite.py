@@ -47,11 +47,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import stat
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -69,7 +68,6 @@ from jarvis.audio.errors import AudioDeviceError
 from jarvis.audio.formats import ASR_RATE, Int16Array
 from jarvis.audio.paced import PacedMicrophone
 from jarvis.audio.stream import Speaker
-from jarvis.errors import JarvisError
 from jarvis.speech.wakeword import WakeWordDetector
 from jarvis.voice.listening import PREROLL_S, resolve_wake_word
 from jarvis.wyoming.protocol import (
@@ -80,6 +78,7 @@ from jarvis.wyoming.protocol import (
     read_event,
 )
 from jarvis.wyoming.satellite_playback import Reply, ReplyPlayer
+from jarvis.wyoming.sockets import ListenError, peer_name, remove_stale_socket
 from jarvis.wyoming.zeroconf import Advertiser, advertise
 
 log = logging.getLogger(__name__)
@@ -151,9 +150,7 @@ class Controller:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        name = writer.get_extra_info("peername")
-        self.peer = (f"{name[0]}:{name[1]}" if isinstance(name, tuple) and len(name) >= 2
-                     else "unix-socket")
+        self.peer = peer_name(writer)
         self.dropped = 0
 
     @property
@@ -224,9 +221,7 @@ class WyomingSatellite:
         try:
             if parts.scheme == "unix":
                 path = options.uri[len("unix://"):]
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(os.lstat(path).st_mode):
-                        os.unlink(path)  # left by an earlier run
+                remove_stale_socket(Path(path), options.uri)
                 self._server = await asyncio.start_unix_server(self._serve, path,
                                                                limit=MAX_LINE_BYTES)
                 where = options.uri
@@ -237,7 +232,7 @@ class WyomingSatellite:
                 self.port = int(self._server.sockets[0].getsockname()[1])
                 where = f"tcp://{parts.netloc.rsplit(':', 1)[0]}:{self.port}"
         except OSError as exc:
-            raise JarvisError(f"cannot listen on {options.uri}: {exc.strerror or exc}") from None
+            raise ListenError(f"cannot listen on {options.uri}: {exc.strerror or exc}") from None
         self.player.start()
         mode = (f"wake word {self.detector.name} (local)" if self.detector
                 else "always streaming")

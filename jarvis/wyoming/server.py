@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
@@ -26,18 +25,15 @@ from urllib.parse import urlsplit
 from wyoming.error import Error
 
 from jarvis.config import Settings, WyomingSettings, parse_wyoming_uri
-from jarvis.errors import ConfigError, JarvisError
+from jarvis.errors import ConfigError
 from jarvis.voice.assembly import Assistant
 from jarvis.wyoming.handler import Connection, Services
 from jarvis.wyoming.info import build_info
 from jarvis.wyoming.protocol import MAX_LINE_BYTES, encode_event
+from jarvis.wyoming.sockets import ListenError, peer_name, remove_stale_socket
 from jarvis.wyoming.zeroconf import Advertiser, advertise
 
 log = logging.getLogger(__name__)
-
-
-class WyomingServerError(JarvisError):
-    """The server cannot listen where it was asked to (address in use, bad socket path)."""
 
 
 class WyomingServer:
@@ -66,7 +62,7 @@ class WyomingServer:
         return len(self._connections)
 
     async def start(self) -> None:
-        """Listen (and advertise); WyomingServerError if the address cannot be used."""
+        """Listen (and advertise); ListenError if the address cannot be used."""
         parts = urlsplit(self.uri)
         try:
             if parts.scheme == "tcp":
@@ -76,14 +72,14 @@ class WyomingServer:
                 self.port = int(self._server.sockets[0].getsockname()[1])
             elif parts.scheme == "unix":
                 path = Path(self.uri[len("unix://"):])
-                _remove_stale_socket(path)
+                remove_stale_socket(path, self.uri)
                 self._server = await asyncio.start_unix_server(self._serve, str(path),
                                                                limit=MAX_LINE_BYTES)
             else:
-                raise WyomingServerError(f"cannot serve Wyoming on {self.uri!r}: expected "
+                raise ListenError(f"cannot serve Wyoming on {self.uri!r}: expected "
                                          "tcp://HOST:PORT or unix:///path")
         except OSError as exc:
-            raise WyomingServerError(f"cannot serve Wyoming on {self.uri}: "
+            raise ListenError(f"cannot serve Wyoming on {self.uri}: "
                                      f"{exc.strerror or exc}") from None
         served = [kind for kind, present in (("asr", self.services.asr),
                                              ("tts", self.services.tts)) if present]
@@ -119,7 +115,7 @@ class WyomingServer:
         await self.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer(writer)
+        peer = peer_name(writer)
         if len(self._connections) >= self.settings.max_connections:
             self.refused += 1
             log.warning("wyoming %s: refused, %d connections are being served "
@@ -146,27 +142,6 @@ class WyomingServer:
         finally:
             self._connections.discard(task)
             log.debug("wyoming %s: closed", peer)
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    name = writer.get_extra_info("peername")
-    if isinstance(name, tuple) and len(name) >= 2:
-        return f"{name[0]}:{name[1]}"
-    return "unix-socket"
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """A socket file left by an earlier run is removed; anything else there is an error."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise WyomingServerError(f"cannot use {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISSOCK(mode):
-        raise WyomingServerError(f"cannot serve Wyoming on unix://{path}: a file that is not "
-                                 "a socket is in the way")
-    path.unlink()
 
 
 # --------------------------------------------------------------------------- assembly

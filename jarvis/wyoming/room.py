@@ -95,6 +95,8 @@ def conversation_of(room: str) -> str:
 class RoomStats:
     """What happened in a room, for logs, tests and benchmarks."""
 
+    attempts: int = 0
+    """Connections tried."""
     sessions: int = 0
     """Sessions started (a satellite connected, described itself and was run)."""
     turns: int = 0
@@ -154,6 +156,7 @@ class RoomLink:
         """A local-wake satellite's stream: when to give up on hearing a request."""
         self._failure = ""
         """Why the session is being ended from the hub's side ("" when it is not)."""
+        self._published: tuple[bool, str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,8 +186,12 @@ class RoomLink:
                     await self._end_session()
                 if time.monotonic() - started >= STEADY_S:
                     delay = 1.0
-                log.warning("room %s: unavailable: %s; trying %s again in %.0f s",
-                            self.name, reason, self.uri, delay)
+                # Said once per reason: a satellite that stays away for a month must not
+                # fill the log (the retries go on; DEBUG shows each).
+                log.log(logging.DEBUG if reason == self.reason else logging.WARNING,
+                        "room %s: unavailable: %s; trying %s again in %.0f s%s", self.name,
+                        reason, self.uri, delay,
+                        "" if reason == self.reason else " (and on, quietly, until it answers)")
                 self._publish(False, reason)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.satellites.reconnect_max_s)
@@ -192,6 +199,7 @@ class RoomLink:
             self._unsubscribe()
 
     async def _session(self) -> None:
+        self.stats.attempts += 1
         reader, writer = await self._connect()
         self._writer, self._failure = writer, ""
         await self.send(Describe().event())
@@ -489,6 +497,10 @@ class RoomLink:
             self.stats.turns += 1
 
     def _publish(self, available: bool, reason: str) -> None:
+        """Say the room came or went (once per change: retries do not repeat it)."""
+        if self._published == (available, reason):
+            return
+        self._published = (available, reason)
         self.available, self.reason = available, reason
         self.assistant.bus.publish(TurnEvent(
             EventType.ROOM, source=Source.SATELLITE, conversation_id=conversation_of(self.name),

@@ -31,6 +31,7 @@ from jarvis.wyoming.rooms import Rooms
 from tests.support import fake_satellite as fake
 from tests.support.fake_satellite import FakeSatellite
 from tests.support.mqtt import LoopThread, free_port, hub_settings
+from tests.support.satellite_cmd import SatelliteProcess
 from tests.support.speech import raw_int16, strip_zeros
 
 pytestmark = pytest.mark.slow
@@ -314,8 +315,6 @@ def test_jarvis_satellite_on_alsa_devices_is_driven_by_the_hub(
     ``file`` devices) as a room: streaming all the time, or after its own wake word
     (the phrase, in its pre-roll, is taken off the request). The reply is played on
     its speaker."""
-    from tests.test_satellite_cmd import SatelliteProcess
-
     text = ("Hey Jarvis, " if own_wake_word else "") + REQUESTS["kitchen"][0]
     mic = np.concatenate([np.zeros(ASR_RATE // 2, np.float32), spoken(text)])
     sat = SatelliteProcess(tmp_path / "den", to_int16(mic),

@@ -37,7 +37,6 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, replace
-from typing import Any
 from urllib.parse import urlsplit
 
 from wyoming.event import Event
@@ -74,12 +73,11 @@ PONG_TIMEOUT_S = 10.0
 STEADY_S = 10.0
 """A session that lasted this long resets the reconnection backoff."""
 _IGNORED = frozenset({"streaming-started", "streaming-stopped", "satellite-connected",
-                      "satellite-disconnected", "played", "run-pipeline", "info",
-                      "error", "pong", "ping", "audio-start", "audio-chunk", "audio-stop",
-                      "detection", "transcript", "voice-started", "voice-stopped",
-                      "synthesize", "timer-started", "timer-updated", "timer-cancelled",
-                      "timer-finished"})
-"""Event types a satellite may send that are understood (most only logged)."""
+                      "satellite-disconnected", "info", "transcript", "voice-started",
+                      "voice-stopped", "synthesize", "timer-started", "timer-updated",
+                      "timer-cancelled", "timer-finished"})
+"""Event types a satellite may send that need nothing from the hub (logged at DEBUG);
+the ones it acts on are handled in :meth:`RoomLink._read`."""
 
 
 class RoomError(JarvisError):
@@ -99,7 +97,6 @@ class RoomStats:
     """Connections tried."""
     sessions: int = 0
     """Sessions started (a satellite connected, described itself and was run)."""
-    turns: int = 0
     ignored_events: int = 0
     early_audio: int = 0
     """Audio chunks sent before ``run-satellite`` (dropped)."""
@@ -142,9 +139,9 @@ class RoomLink:
                                    self._reference, self._half_duplex)
         """The room's speaker: its satellite (what was sent: ``speaker.replies``)."""
         self._pipeline_task: asyncio.Task[None] | None = None
-        self._local_wake: bool | None = None
         self._running_key: tuple[bool, str] | None = None
-        """The pipeline listening now (see :meth:`_pipeline_key`)."""
+        """The pipeline listening now (see :meth:`_pipeline_key`); None before the
+        satellite streams."""
         self._wake_name = ""
         """The satellite's own wake word (from its ``detection``), if it has one."""
         self._expect_audio_since: float | None = None
@@ -278,7 +275,7 @@ class RoomLink:
     async def _end_session(self) -> None:
         self.connected.clear()
         self.available = False
-        self._local_wake = self._running_key = self._listener = None
+        self._running_key = self._listener = None
         self._expect_audio_since = None
         self._pong_at = None
         self._released_at = None
@@ -336,7 +333,7 @@ class RoomLink:
         except (KeyError, TypeError, ValueError):
             raise RoomError("an audio-chunk without a valid rate, width and channels") \
                 from None
-        if self._local_wake is None:
+        if self._running_key is None:
             self._start_stream(local_wake=False)  # streaming without run-pipeline
         try:
             self.audio.feed(event.payload or b"", fmt)
@@ -367,7 +364,7 @@ class RoomLink:
             self._pipeline_task.cancel()
             self.audio.close()
             self.audio = RoomAudio(self.name)
-        self._local_wake, self._running_key = local_wake, key
+        self._running_key = key
         self._pipeline_task = asyncio.create_task(self._listen(key))
 
     def _pipeline_key(self, local_wake: bool) -> tuple[bool, str]:
@@ -485,16 +482,15 @@ class RoomLink:
         elif kind is EventType.WAKE_WORD:
             self.send_now(Event("detection", {"name": str(event.data.get("phrase", ""))}))
         elif kind is EventType.TRANSCRIPT:
-            phrase = self._pipeline_key(True)[1].replace("_", " ")
-            if self._local_wake and phrase and not any(
+            local_wake, model = self._running_key or (False, "")
+            phrase = model.replace("_", " ")
+            if local_wake and phrase and not any(
                     c.isalnum() for c in strip_wake_phrase(event.text, phrase)):
                 # The wake phrase alone ("hey jarvis ... what time is it"): the
                 # transcript would stop its stream before the request; keep it open.
                 self._released_at = time.monotonic() + AWAKE_S
                 return
             self.send_now(Event("transcript", {"text": event.text}))
-        elif kind is EventType.TURN_END:
-            self.stats.turns += 1
 
     def _publish(self, available: bool, reason: str) -> None:
         """Say the room came or went (once per change: retries do not repeat it)."""
@@ -506,9 +502,3 @@ class RoomLink:
             EventType.ROOM, source=Source.SATELLITE, conversation_id=conversation_of(self.name),
             room=self.name, data={"available": available, "reason": reason,
                                   "uri": self.uri}))
-
-    def describe(self) -> dict[str, Any]:
-        return {"room": self.name, "uri": self.uri, "available": self.available,
-                "reason": self.reason, "sessions": self.stats.sessions,
-                "turns": self.stats.turns, "received_s": round(self.audio.received_s, 1),
-                "dropped_s": round(self.audio.dropped_s, 1)}

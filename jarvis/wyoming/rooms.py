@@ -16,10 +16,14 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+from urllib.parse import urlsplit
+
+from wyoming.info import Describe
 
 from jarvis.config import ROOM_NAME, Settings
 from jarvis.errors import ConfigError, JarvisError
 from jarvis.voice.assembly import Assistant
+from jarvis.wyoming.protocol import encode_event, read_event
 from jarvis.wyoming.room import RoomLink
 from jarvis.wyoming.zeroconf import SERVICE_TYPE
 
@@ -123,12 +127,6 @@ class Rooms:
 async def _is_satellite(uri: str) -> bool:
     """Whether the Wyoming service at ``uri`` describes itself as a satellite (Jarvis's
     own Wyoming server and plain asr/tts services are not)."""
-    from urllib.parse import urlsplit
-
-    from wyoming.info import Describe
-
-    from jarvis.wyoming.protocol import encode_event, read_event
-
     parts = urlsplit(uri)
     try:
         reader, writer = await asyncio.wait_for(

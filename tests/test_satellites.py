@@ -413,8 +413,12 @@ def test_a_room_does_not_answer_its_own_echo_and_speech_over_a_reply_cuts_it(
     }
     since = len(hub.events)
     cancelling = echo_cancel == "auto"
+    def interruption_answered() -> bool:
+        return any("egg" in str(e.data["transcript"]).lower()
+                   for e in hub.ends("bedroom", since)[1:])
+
     rooms = serve_rooms(hub, sats, echo_cancel=echo_cancel, until=lambda: bool(
-        len(hub.ends("bedroom", since)) >= (2 if cancelling else 1)
+        (interruption_answered() if cancelling else hub.ends("bedroom", since))
         and sats["kitchen"].replies and sats["kitchen"].replies[0].complete
         and hub.ends("kitchen", since)
         and time.monotonic() > (sats["kitchen"].replies[0].stopped_at or 0) + 3.0))
@@ -428,8 +432,9 @@ def test_a_room_does_not_answer_its_own_echo_and_speech_over_a_reply_cuts_it(
         assert first.data["interrupted"] and first.outcome is Outcome.CANCELLED
         assert reply.stopped_at is not None and reply.stopped_at - interrupted_at < 1.5
         assert rooms.links["bedroom"].speaker.replies[0] < 3.0  # seconds sent: cut
-        second = hub.ends("bedroom", since)[1]
-        assert "egg" in str(second.data["transcript"]).lower()
+        # What the person said over the reply is heard and answered (a fragment of it,
+        # caught where the echo is still being cancelled, may be a turn of its own first).
+        assert interruption_answered()
     else:
         assert not first.data["interrupted"]
         assert all(not e.data["interrupted"] for e in hub.ends("bedroom", since))

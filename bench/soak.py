@@ -17,7 +17,9 @@ budget (what the process held at the start for everything but the context cache,
 the cache's RAM cap) and by how much RSS ever went over it; how flat RSS was over the
 second half; the context cache's own byte counter beside RSS; and latency p50/p95 of
 all asks (median, p95, max: idle work must never hold an ask up; the targets are
-p95 <= 2x the median and nothing over 2 s) and of the first and the last 50 asks. The
+p95 <= 2x the median and nothing over 2 s) and of the first and the last 50 asks, with
+what made the slowest 5 % slow (asked twice by the repetition guard; history evaluated
+again; ``--json`` has every ask's model stages). The
 memory target: RSS never more than 10 % above the
 budget, and within +/- 5 % over the second half.
 
@@ -160,6 +162,29 @@ async def ask(a: Assistant, conversation: str, text: str) -> tuple[float, float 
             result.outcome is Outcome.ANSWERED)
 
 
+class LastStats:
+    """The model's statistics of the last turn that ended (from its ``TURN_END`` event):
+    why a slow ask was slow."""
+
+    def __init__(self, a: Assistant) -> None:
+        self.stats: dict[str, Any] = {}
+        a.responder.bus.subscribe(self)
+
+    def __call__(self, event: TurnEvent) -> None:
+        if event.type is EventType.TURN_END:
+            self.stats = dict(event.data.get("stats", {}))
+            self.stats["regenerated"] = bool(event.data.get("regenerated"))
+
+    def record(self, index: int, conversation: str, total: float) -> dict[str, Any]:
+        s = self.stats
+        return {"ask": index + 1, "conversation": conversation, "total": total,
+                "prompt_tokens": s.get("prompt_tokens", 0),
+                "cached_tokens": s.get("cached_tokens", 0),
+                "completion_tokens": s.get("completion_tokens", 0),
+                "queue": s.get("queue_s", 0.0), "stages": s.get("stages", {}),
+                "regenerated": s["regenerated"]}
+
+
 async def voice_turn(a: Assistant, audio: np.ndarray, out: Path) -> tuple[str, float | None]:
     """One spoken request through the voice pipeline: how its turn ended (or "unheard")
     and its voice-to-voice latency (None when no reply audio was produced)."""
@@ -244,6 +269,8 @@ async def soak(args: argparse.Namespace, settings: Settings, a: Assistant,
     voice: list[float] = []
     outcomes: dict[str, int] = {}
     failed = 0
+    per_ask: list[dict[str, Any]] = []
+    model_stats = LastStats(a)
     middle: dict[str, Any] = start
     for i in range(args.asks):
         conv = i % args.conversations
@@ -253,6 +280,7 @@ async def soak(args: argparse.Namespace, settings: Settings, a: Assistant,
         totals.append(total)
         if ttft is not None:
             ttfts.append(ttft)
+        per_ask.append(model_stats.record(i, conversations[conv], total))
         if (i + 1) % args.voice_every == 0:
             outcome, v2v = await voice_turn(a, voice_audio[(i + 1) // args.voice_every - 1],
                                             tmp / "replies")
@@ -296,6 +324,17 @@ async def soak(args: argparse.Namespace, settings: Settings, a: Assistant,
     print(f"all {len(totals)} asks: median {median:.3f} s  p95 {p95:.3f} s "
           f"({p95 / median:.2f}x the median; target <= 2x)  max {worst:.3f} s "
           f"(target <= 2 s); {sum(t > 2.0 for t in totals)} over 2 s")
+    by_time = sorted(per_ask, key=lambda r: r["total"])
+    print("slowest asks: " + "; ".join(
+        f"#{r['ask']} {r['total']:.2f} s ({r['prompt_tokens'] - r['cached_tokens']}"
+        f" tokens evaluated, {r['completion_tokens']} generated"
+        + (", asked twice" if r["regenerated"] else "") + ")" for r in by_time[-5:]))
+    top = by_time[len(by_time) - max(1, len(by_time) // 20):]
+    print(f"the slowest 5 % ({len(top)} asks): "
+          f"{sum(r['regenerated'] for r in top)} asked twice (the repetition guard threw "
+          f"the first reply away; {sum(r['regenerated'] for r in per_ask)} of all "
+          f"{len(per_ask)}), {sum(r['prompt_tokens'] - r['cached_tokens'] > 60 for r in top)} "
+          "evaluated over 60 prompt tokens (history no cached state served)")
     print(f"asks 1-50:   total {lat(first)}   ttft {lat(ttfts[:50])}")
     print(f"asks {len(totals) - len(last) + 1}-{len(totals)}: total {lat(last)}   "
           f"ttft {lat(ttfts[-50:])}")
@@ -320,7 +359,7 @@ async def soak(args: argparse.Namespace, settings: Settings, a: Assistant,
             "last50_total_p50": percentile(sorted(last), 50),
             "last50_total_p95": percentile(sorted(last), 95),
             "voice_to_voice": voice, "voice_outcomes": outcomes,
-            "rss_series": [s["rss"] for s in samples]}
+            "rss_series": [s["rss"] for s in samples], "per_ask": per_ask}
 
 
 def main() -> int:

@@ -402,7 +402,7 @@ def _stats(stream: TokenStream | _Prepended) -> dict[str, object]:
     return {"prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens,
             "completion_tokens": stats.completion_tokens, "cache_hit": stats.cache_hit,
             "finish_reason": stats.finish_reason, "ttft_s": stats.ttft_s,
-            "total_s": stats.total_s, "queue_s": stats.queue_s}
+            "total_s": stats.total_s, "queue_s": stats.queue_s, "stages": dict(stats.stages)}
 
 
 def _stage_of(exc: JarvisError, current: Stage) -> Stage:

@@ -109,6 +109,9 @@ def main() -> int:
         if starter is None:
             raise SystemExit("batch_bench: the starter model is not installed (make setup)")
         models.append(starter)
+    for model in models:
+        if not model.is_file():
+            raise SystemExit(f"batch_bench: --model {model}: no such file")
     models += [requantized(models[0], name.strip())
                for name in args.requantize.split(",") if name.strip()]
     print(f"{args.threads} threads, {args.context} tokens per sequence, "
@@ -116,8 +119,6 @@ def main() -> int:
     print(f"{'model':<40} {'KV cache':<22} {'1 seq':>8} {'2 seqs':>8} {'4 seqs':>8} "
           f"{'4/1':>6} {'tokens/s at 4 vs 1':>20}")
     for model in models:
-        if not model.is_file():
-            raise SystemExit(f"batch_bench: --model {model}: no such file")
         llm = llama_cpp.Llama(str(model), n_ctx=64, n_batch=64, n_threads=args.threads,
                               n_threads_batch=args.threads, verbose=False)
         for unified in (False,) if args.per_sequence_only else (False, True):

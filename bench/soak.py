@@ -182,7 +182,7 @@ class LastStats:
                 "cached_tokens": s.get("cached_tokens", 0),
                 "completion_tokens": s.get("completion_tokens", 0),
                 "queue": s.get("queue_s", 0.0), "stages": s.get("stages", {}),
-                "regenerated": s["regenerated"]}
+                "regenerated": bool(s.get("regenerated"))}
 
 
 async def voice_turn(a: Assistant, audio: np.ndarray, out: Path) -> tuple[str, float | None]:
@@ -334,7 +334,7 @@ async def soak(args: argparse.Namespace, settings: Settings, a: Assistant,
           f"{sum(r['regenerated'] for r in top)} asked twice (the repetition guard threw "
           f"the first reply away; {sum(r['regenerated'] for r in per_ask)} of all "
           f"{len(per_ask)}), {sum(r['prompt_tokens'] - r['cached_tokens'] > 60 for r in top)} "
-          "evaluated over 60 prompt tokens (history no cached state served)")
+          "evaluated over 60 prompt tokens (history that no cached state served)")
     print(f"asks 1-50:   total {lat(first)}   ttft {lat(ttfts[:50])}")
     print(f"asks {len(totals) - len(last) + 1}-{len(totals)}: total {lat(last)}   "
           f"ttft {lat(ttfts[-50:])}")

@@ -95,9 +95,8 @@ class SeqKv:
             with self.cache.using(match.entry):
                 ok = self.restore(match.entry.tokens, match.entry.payload, match.length)
             stages["cache_restore"] = time.perf_counter() - t
-            if ok and count:
+            if ok:  # counted for idle work too, as its snapshots are
                 self.cache.record_restore(stages["cache_restore"])
-            if ok:
                 reused, partial = match.length, match.length < len(match.entry.tokens)
             else:
                 reused, partial = 0, False

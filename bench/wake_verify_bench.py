@@ -43,20 +43,20 @@ THRESHOLDS = (math.log(0.5), -1.0)
 
 def forced_score(asr: WhisperAsr, audio: np.ndarray) -> float:
     """Mean log-probability per token of the best of :data:`PHRASES` read at the start."""
-    from faster_whisper.tokenizer import Tokenizer
+    import ctranslate2
 
-    model: Any = asr._model  # a probe: the model's aligner is not part of WhisperAsr yet
-    tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual,
-                          task="transcribe", language="en")
+    # A probe: the aligner is not part of WhisperAsr's API yet, so this uses its model,
+    # its padded encoder pass and its tokenizer directly.
+    model: Any = asr._model
+    tokenizer = asr._tokenizer("en")
     features = model.feature_extractor(audio)
+    encoded = ctranslate2.StorageView.from_array(
+        np.ascontiguousarray(asr._encode_features(features, False)))
     frames = min(features.shape[-1], 3000)
-    padded = np.zeros((features.shape[0], 3000), dtype=np.float32)
-    padded[:, :frames] = features[:, :frames]
-    encoded = model.encode(padded)
     best = -math.inf
     for phrase in PHRASES:
-        tokens = tokenizer.encode(phrase)
-        result = model.model.align(encoded, tokenizer.sot_sequence, [tokens], frames // 2)
+        result = model.model.align(encoded, tokenizer.sot_sequence, [tokenizer.encode(phrase)],
+                                   frames // 2)
         probs = result[0].text_token_probs
         best = max(best, sum(math.log(max(p, 1e-9)) for p in probs) / len(probs))
     return best

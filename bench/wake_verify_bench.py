@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
-"""Second-stage wake check, two ways, on the wake-word bench's clips: is "hey jarvis"
-there? (a probe for issue 15; nothing in Jarvis uses the forced score yet)
+"""Second-stage wake check on the wake-word bench's whole clips: is "hey jarvis" there?
+Three ways side by side (issue 15):
 
-1. ``transcript``: what the pipeline does today. tiny.en transcribes the clip and
+1. ``transcript``: the check before the forced score. tiny.en transcribes the clip and
    :func:`~jarvis.voice.listening.wake_request` looks for the phrase.
-2. ``forced``: whisper is made to read " Hey Jarvis" (or " Hey, Jarvis") at the start
-   of the clip (CTranslate2's ``align``, the word-timestamp machinery). The score is
-   the mean log-probability of those tokens; the check passes at ``ln 0.5`` per token
-   (each token more likely than not), and, for comparison, at -1.0.
+2. ``forced >= -1``: ``WhisperAsr.transcribe(audio, wake_phrase="Hey Jarvis")`` makes
+   whisper read " Hey Jarvis" (or " Hey, Jarvis") at the start of the clip
+   (CTranslate2's ``align``, the word-timestamp machinery); the mean log-probability of
+   those tokens (``wake_score``) must be at least ``WAKE_LOGPROB_MIN``.
+3. ``pipeline``: what ``VoicePipeline`` decides,
+   :func:`~jarvis.voice.listening.confirmed_request` on that transcript (the score
+   alone, or a lower score with the free transcript agreeing).
 
 The clips are whole: the piper wake phrases of ``bench/wakeword_bench.py`` (the bundled
 voice at three speeds, and shifted x0.9 / x1.1), its near misses (piper and espeak-ng),
 and ``--everyday`` of its ordinary piper sentences. Without noise, and without the
-front end's segmentation, so the rates are for the check alone, not for the pipeline.
-The corpus comes from that bench's cache (``~/.cache/jarvis-bench/wakeword``).
+front end's segmentation, so the rates are for the check alone; section (d) of
+``bench/wakeword_bench.py`` measures the pipeline in noise. The corpus comes from that
+bench's cache (``~/.cache/jarvis-bench/wakeword``).
 
     python bench/wake_verify_bench.py [--everyday 60]
 """
@@ -21,8 +25,8 @@ The corpus comes from that bench's cache (``~/.cache/jarvis-bench/wakeword``).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -34,32 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import wakeword_bench as corpus_bench
 
 from jarvis.config import load_settings
-from jarvis.speech.asr import WhisperAsr
-from jarvis.voice.listening import wake_request
+from jarvis.speech.asr import WAKE_LOGPROB_MIN, WhisperAsr
+from jarvis.voice.listening import confirmed_request, wake_request
 
-PHRASES = (" Hey Jarvis", " Hey, Jarvis")
-THRESHOLDS = (math.log(0.5), -1.0)
-
-
-def forced_score(asr: WhisperAsr, audio: np.ndarray) -> float:
-    """Mean log-probability per token of the best of :data:`PHRASES` read at the start."""
-    import ctranslate2
-
-    # A probe: the aligner is not part of WhisperAsr's API yet, so this uses its model,
-    # its padded encoder pass and its tokenizer directly.
-    model: Any = asr._model
-    tokenizer = asr._tokenizer("en")
-    features = model.feature_extractor(audio)
-    encoded = ctranslate2.StorageView.from_array(
-        np.ascontiguousarray(asr._encode_features(features, False)))
-    frames = min(features.shape[-1], 3000)
-    best = -math.inf
-    for phrase in PHRASES:
-        result = model.model.align(encoded, tokenizer.sot_sequence, [tokenizer.encode(phrase)],
-                                   frames // 2)
-        probs = result[0].text_token_probs
-        best = max(best, sum(math.log(max(p, 1e-9)) for p in probs) / len(probs))
-    return best
+PHRASE = "Hey Jarvis"
+WAYS = ("transcript", f"forced >= {WAKE_LOGPROB_MIN:g}", "pipeline")
 
 
 def main() -> int:
@@ -79,17 +62,22 @@ def main() -> int:
     asr.load()
     passed: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     scores: dict[str, list[float]] = defaultdict(list)
+    times: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for name, clips in groups.items():
         for clip in clips:
-            text = asr.transcribe(clip.audio).text
-            if wake_request(text, "Hey Jarvis") is not None:
-                passed[name]["transcript"].append(clip.text)
-            score = forced_score(asr, clip.audio)
+            started = time.perf_counter()
+            free = asr.transcribe(clip.audio)
+            middle = time.perf_counter()
+            woke = asr.transcribe(clip.audio, wake_phrase=PHRASE)
+            times[name].append((middle - started, time.perf_counter() - middle))
+            score = woke.wake_score if woke.wake_score is not None else -99.0
             scores[name].append(score)
-            for threshold in THRESHOLDS:
-                if score >= threshold:
-                    passed[name][f"forced >= {threshold:.2f}"].append(clip.text)
-    ways = ["transcript", *(f"forced >= {t:.2f}" for t in THRESHOLDS)]
+            checks = (wake_request(free.text, PHRASE) is not None, woke.wake_heard,
+                      confirmed_request(woke, PHRASE) is not None)
+            for way, ok in zip(WAYS, checks, strict=True):
+                if ok:
+                    passed[name][way].append(clip.text)
+    ways = list(WAYS)
     print(f"{'clips':<32} {'n':>4} " + "".join(f"{w:>18}" for w in ways)
           + "   forced score min / median / max")
     for name, clips in groups.items():
@@ -98,6 +86,10 @@ def main() -> int:
               + "".join(f"{len(passed[name][w]):>12} "
                         f"{100 * len(passed[name][w]) / len(clips):4.0f}%" for w in ways)
               + f"   {s.min():.2f} / {np.median(s):.2f} / {s.max():.2f}")
+    for name in groups:
+        free_s, woke_s = (1000 * np.median(np.asarray(times[name])[:, i]) for i in (0, 1))
+        print(f"time per clip, {name}: transcript {free_s:.0f} ms, with the wake phrase "
+              f"{woke_s:.0f} ms ({woke_s - free_s:+.0f} ms; medians)")
     for way in ways:
         near = passed["near misses"][way]
         if near:

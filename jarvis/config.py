@@ -591,7 +591,8 @@ VARIABLES: tuple[Variable, ...] = (
              "on transcripts; off (or empty) = answer everything heard"),
     Variable("JARVIS_WAKE_THRESHOLD", "pipeline", "wake_threshold", _float(0.05, 0.99), "0.8",
              "how sure the wake-word model must be; lower hears the wake word more often "
-             "(and more that is not it); the transcript must then confirm it"),
+             "(and more that is not it); whisper must then read the phrase at the start of "
+             "the utterance"),
     Variable("JARVIS_ECHO_CANCEL", "pipeline", "echo_cancel", _choice("auto", "on", "off"),
              "auto", "remove the speaker's own sound from the microphone (WebRTC AEC3); "
              "auto = on when Jarvis plays on a speaker and listens on a microphone"),

@@ -18,10 +18,13 @@ from jarvis.errors import ModelError
 from jarvis.evaluation.wer import word_error_rate, word_errors
 from jarvis.models import starter_asr_path
 from jarvis.speech.asr import (
+    WAKE_LOGPROB_CORROBORATED,
+    WAKE_LOGPROB_MIN,
     AsrError,
     WhisperAsr,
     normalize_words,
     resolve_model,
+    wake_variants,
 )
 from tests.support.speech import COMMANDS, JFK, JFK_TEXT, default_settings, silence
 
@@ -87,6 +90,47 @@ def test_round_trip_piper_speaks_whisper_hears(asr: WhisperAsr, spoken: Speak) -
     sentence = "Please set an alarm for seven in the morning."
     result = asr.transcribe(_as_segmented(spoken(sentence)))
     assert normalize_words(result.text) == normalize_words(sentence), result.text
+
+
+# --------------------------------------------------------------------------- wake phrase
+
+
+def test_wake_variants_are_how_whisper_writes_the_phrase() -> None:
+    assert wake_variants("hey jarvis") == [" Hey Jarvis", " Hey, Jarvis"]
+    assert wake_variants("Okay Nabu") == [" Okay Nabu", " Okay, Nabu"]
+    assert wake_variants("alexa") == [" Alexa"]
+    assert wake_variants("  ") == []
+
+
+@pytest.mark.parametrize("said", ["Hey Jarvis, what time is it?",
+                                  "Hey Jarvis. Turn on the kitchen lights."])
+def test_the_wake_phrase_read_at_the_start_confirms_and_the_request_follows_it(
+        asr: WhisperAsr, spoken: Speak, said: str) -> None:
+    result = asr.transcribe(_as_segmented(spoken(said)), wake_phrase="Hey Jarvis")
+    assert result.wake_score is not None and result.wake_score >= WAKE_LOGPROB_MIN, result
+    assert result.wake_heard and result.wake_prefix in ("Hey Jarvis", "Hey, Jarvis"), result
+    assert result.text.startswith(result.wake_prefix)
+    after = normalize_words(result.text[len(result.wake_prefix):])
+    assert after == normalize_words(said)[2:], result.text
+
+
+@pytest.mark.parametrize("said", ["Hey Janice, what time is it?", "Good night, Jarvis.",
+                                  "What time is it?"])
+def test_near_misses_score_low_and_keep_their_own_words(asr: WhisperAsr, spoken: Speak,
+                                                        said: str) -> None:
+    audio = _as_segmented(spoken(said))
+    result = asr.transcribe(audio, wake_phrase="Hey Jarvis")
+    # Below even the bar for a score the free transcript agrees with (-4.8 to -7.7 here).
+    assert result.wake_score is not None and result.wake_score < WAKE_LOGPROB_CORROBORATED, result
+    assert not result.wake_heard and result.wake_prefix == ""
+    assert result.text == asr.transcribe(audio).text  # the free transcript, unforced
+
+
+def test_without_a_phrase_or_speech_there_is_no_wake_score(asr: WhisperAsr,
+                                                           spoken: Speak) -> None:
+    assert asr.transcribe(_as_segmented(spoken("Hey Jarvis."))).wake_score is None
+    quiet = asr.transcribe(silence(1.0), wake_phrase="Hey Jarvis")
+    assert (quiet.wake_score, quiet.text, quiet.wake_heard) == (None, "", False)
 
 
 def test_int16_input_gives_the_same_text(asr: WhisperAsr, jfk_audio: FloatArray) -> None:

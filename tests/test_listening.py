@@ -12,6 +12,7 @@ from jarvis.audio.echo import EchoReference
 from jarvis.audio.formats import ASR_RATE, FloatArray
 from jarvis.config import PipelineSettings
 from jarvis.errors import ConfigError
+from jarvis.speech.asr import WAKE_LOGPROB_CORROBORATED, WAKE_LOGPROB_MIN, Transcript
 from jarvis.speech.silero import Endpointer
 from jarvis.speech.vad import SpeechStarted, UtteranceEnded
 from jarvis.speech.wakeword import WakeWordDetector
@@ -19,6 +20,7 @@ from jarvis.voice.listening import (
     AWAKE_S,
     FrontEnd,
     ReferenceWatch,
+    confirmed_request,
     plan_listening,
     resolve_wake_word,
     strip_wake_phrase,
@@ -81,6 +83,38 @@ def test_a_model_name_that_is_not_bundled_lists_the_bundled_ones() -> None:
 ])
 def test_the_transcript_confirms_the_wake_word(text: str, request_: str | None) -> None:
     assert wake_request(text, "Hey Jarvis") == request_
+
+
+def test_the_words_can_be_held_to_one_edit() -> None:
+    assert wake_request("Hey Jabbis, what time is it?", "Hey Jarvis") == "what time is it?"
+    assert wake_request("Hey Jabbis, what time is it?", "Hey Jarvis", max_edits=1) is None
+    assert wake_request("Hey Javis, lights.", "Hey Jarvis", max_edits=1) == "lights."
+
+
+def _transcript(text: str, score: float | None, prefix: str = "") -> Transcript:
+    return Transcript(text, "en", 2.0, 0.1, wake_score=score, wake_prefix=prefix)
+
+
+def test_the_wake_score_decides_and_the_request_is_what_was_read_after_the_phrase() -> None:
+    passed = _transcript("Hey, Jarvis. What time is it?", WAKE_LOGPROB_MIN + 0.2, "Hey, Jarvis")
+    assert confirmed_request(passed, "Hey Jarvis") == "What time is it?"
+    alone = _transcript("Hey Jarvis.", -0.1, "Hey Jarvis")
+    assert confirmed_request(alone, "Hey Jarvis") == ""
+    # Between the two bars the free transcript must agree, within one edit.
+    unsure = WAKE_LOGPROB_MIN - 0.5
+    assert unsure > WAKE_LOGPROB_CORROBORATED
+    assert confirmed_request(_transcript("Hey Jervis, lights on.", unsure),
+                             "Hey Jarvis") == "lights on."
+    assert confirmed_request(_transcript("Hey Jabbis, what time is it?", unsure),
+                             "Hey Jarvis") is None  # two edits: "Hey Janice" misheard
+    assert confirmed_request(_transcript("Hang on, the lights.", unsure), "Hey Jarvis") is None
+    # Below them, words that would pass the transcript check do not pass.
+    fooled = _transcript("Good night Jarvis.", WAKE_LOGPROB_CORROBORATED - 0.01)
+    assert confirmed_request(fooled, "Hey Jarvis") is None
+    # No score (a long-form input): the words decide.
+    assert confirmed_request(_transcript("Hey Jarvis, lights on.", None),
+                             "Hey Jarvis") == "lights on."
+    assert confirmed_request(_transcript("Hey Janice, lights on.", None), "Hey Jarvis") is None
 
 
 def test_a_follow_up_may_say_the_wake_phrase_or_not() -> None:

@@ -21,6 +21,18 @@ the result is an approximation; when its output still looks like a loop
 
 Inputs longer than 30 s use faster-whisper's long-form ``transcribe`` instead.
 
+The wake word's second check (``wake_phrase``). When the wake-word model has fired,
+the utterance is transcribed with the phrase in mind: whisper is made to read the
+phrase at the start (CTranslate2's ``align``, the forced alignment behind word
+timestamps), and the mean log-probability of its tokens is ``Transcript.wake_score``.
+With a score of at least :data:`WAKE_LOGPROB_MIN` the text is decoded with the phrase
+as a forced prefix, so the request after it is read in context even where a free
+decode would have heard "Hey George"; below it the text is the free transcript. A free
+transcript cannot tell "Good night Jarvis" or "Hey Janice" heard as "Hey Jabbis" from
+"Hey Jarvis"; the score mostly can (``bench/wake_verify_bench.py``,
+``bench/wakeword_bench.py`` section (d)). What confirms a wake word is the voice
+layer's decision (``jarvis.voice.listening.confirmed_request``).
+
 Errors::
 
     JarvisError
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import threading
 import time
@@ -59,6 +72,13 @@ _SILENCE_PEAK = 1e-4
 _NO_SPEECH_PROB = 0.6
 _LOGPROB_THRESHOLD = -1.0
 _COMPRESSION_RATIO_MAX = 2.4
+WAKE_LOGPROB_MIN = _LOGPROB_THRESHOLD
+"""A wake phrase read at the start with at least this mean log-probability per token
+(about 37 % per token: Whisper's own threshold for a failed decode) is heard."""
+WAKE_LOGPROB_CORROBORATED = 2 * _LOGPROB_THRESHOLD
+"""Down to this score the phrase is heard if the free transcript has it too (in noise
+whisper is less sure of everything; the voice layer decides, see
+``jarvis.voice.listening.confirmed_request``)."""
 
 
 class AsrError(JarvisError):
@@ -80,6 +100,16 @@ class Transcript:
     """``trimmed``, ``padded`` (30 s), ``long-form`` (> 30 s) or ``silence`` (no model call)."""
     no_speech_prob: float | None = None
     avg_logprob: float | None = None
+    wake_score: float | None = None
+    """Asked with a wake phrase: the mean log-probability per token of that phrase read
+    at the start of the utterance; None when not asked, for silence and long-form."""
+    wake_prefix: str = ""
+    """The phrase ``text`` starts with because it was read there (the score passed)."""
+
+    @property
+    def wake_heard(self) -> bool:
+        """The wake phrase asked for was read at the start (score >= WAKE_LOGPROB_MIN)."""
+        return self.wake_score is not None and self.wake_score >= WAKE_LOGPROB_MIN
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,18 +237,22 @@ class WhisperAsr:
 
     # ------------------------------------------------------------------ recognising
 
-    def transcribe(self, audio: npt.ArrayLike, *, trim_padding: bool | None = None) -> Transcript:
-        """Recognise one utterance: mono samples at 16 kHz (float in [-1, 1] or int16)."""
+    def transcribe(self, audio: npt.ArrayLike, *, trim_padding: bool | None = None,
+                   wake_phrase: str = "") -> Transcript:
+        """Recognise one utterance: mono samples at 16 kHz (float in [-1, 1] or int16).
+        With ``wake_phrase`` ("Hey Jarvis"), also score that phrase at its start (see
+        the module docstring): ``wake_score``, and the text read after it if it passes."""
         self._require()
         samples = _check_audio(audio)
         trim = self.settings.trim_padding if trim_padding is None else trim_padding
-        return self._transcribe(samples, trim)
+        return self._transcribe(samples, trim, wake_phrase.strip())
 
     async def transcribe_async(
-        self, audio: npt.ArrayLike, *, trim_padding: bool | None = None
+        self, audio: npt.ArrayLike, *, trim_padding: bool | None = None, wake_phrase: str = ""
     ) -> Transcript:
         """:meth:`transcribe` in a worker thread."""
-        return await asyncio.to_thread(self.transcribe, audio, trim_padding=trim_padding)
+        return await asyncio.to_thread(self.transcribe, audio, trim_padding=trim_padding,
+                                       wake_phrase=wake_phrase)
 
     def transcribe_reference(self, audio: npt.ArrayLike) -> Transcript:
         """faster-whisper's ``WhisperModel.transcribe`` with its default arguments
@@ -232,7 +266,7 @@ class WhisperAsr:
         return Transcript(text, str(info.language), len(samples) / ASR_RATE,
                           time.perf_counter() - started, "reference")
 
-    def _transcribe(self, samples: FloatArray, trim: bool) -> Transcript:
+    def _transcribe(self, samples: FloatArray, trim: bool, wake_phrase: str = "") -> Transcript:
         model = self._require()
         started = time.perf_counter()
         duration = len(samples) / ASR_RATE
@@ -247,20 +281,31 @@ class WhisperAsr:
                 method = "trimmed" if trim else "padded"
                 encoded = self._encode_features(features, trim)
                 language = self._language(encoded)
-                text, no_speech, logprob = self._decode(encoded, language, duration)
+                wake_score: float | None = None
+                prefix: list[int] = []
+                if wake_phrase:
+                    score, prefix = self._read_wake(encoded, language, wake_phrase,
+                                                    features.shape[-1])
+                    wake_score = score if math.isfinite(score) else None  # nothing aligned
+                    if score < WAKE_LOGPROB_MIN:
+                        prefix = []
+                text, no_speech, logprob = self._decode(encoded, language, duration, prefix)
                 if trim and looks_repetitive(text):
                     log.info("trimmed decode looks repetitive (%r); decoding padded", text[:60])
                     method = "padded"
                     encoded = self._encode_features(features, False)
-                    text, no_speech, logprob = self._decode(encoded, language, duration)
+                    text, no_speech, logprob = self._decode(encoded, language, duration, prefix)
         except RuntimeError as exc:
             raise AsrError(f"whisper failed on a {duration:.2f} s utterance: {exc}") from None
-        if (no_speech > _NO_SPEECH_PROB and logprob < _LOGPROB_THRESHOLD) or not any(
+        wake_prefix = ""
+        if prefix:  # read with the phrase forced first: speech, whatever no_speech says
+            wake_prefix = str(self._tokenizer(language).decode(prefix)).strip()
+        elif (no_speech > _NO_SPEECH_PROB and logprob < _LOGPROB_THRESHOLD) or not any(
             ch.isalnum() for ch in text
         ):
             text = ""  # Whisper's no-speech rule; noise also decodes to a lone "."
         return Transcript(text, language, duration, time.perf_counter() - started, method,
-                          no_speech, logprob)
+                          no_speech, logprob, wake_score, wake_prefix)
 
     def _encode(self, features: FloatArray) -> FloatArray:
         import ctranslate2
@@ -308,13 +353,41 @@ class WhisperAsr:
             )
         return self._tokenizers[language]
 
-    def _decode(self, encoded: FloatArray, language: str, duration: float) -> tuple[str, float,
-                                                                                        float]:
+    def _read_wake(self, encoded: FloatArray, language: str, phrase: str,
+                   frames: int) -> tuple[float, list[int]]:
+        """The mean token log-probability of ``phrase`` read at the start, and its
+        tokens: as written, or else with a comma after its first word ("Hey, Jarvis"),
+        the first that passes (one forced alignment, about 20 ms, in most cases) or the
+        better of the two."""
+        import ctranslate2
+
+        tokenizer = self._tokenizer(language)
+        view = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded))
+        best: tuple[float, list[int]] = (-math.inf, [])
+        for variant in wake_variants(phrase):
+            tokens = list(tokenizer.encode(variant))
+            probs = self._model.model.align(view, tokenizer.sot_sequence, [tokens],
+                                            max(1, min(frames, _FRAMES_30S) // 2))[0]
+            token_probs = list(probs.text_token_probs)
+            if not token_probs:
+                continue
+            score = sum(math.log(max(p, 1e-9)) for p in token_probs) / len(token_probs)
+            if score > best[0]:
+                best = (score, tokens)
+            if score >= WAKE_LOGPROB_MIN:
+                break
+        return best
+
+    def _decode(self, encoded: FloatArray, language: str, duration: float,
+                prefix: list[int] | None = None) -> tuple[str, float, float]:
+        """Greedy (or beam) text of ``encoded``; ``prefix`` tokens are forced first and
+        are part of the text, not of the score."""
         import ctranslate2
         from faster_whisper.transcribe import get_suppressed_tokens
 
         tokenizer = self._tokenizer(language)
-        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        forced = list(prefix or [])
+        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *forced]
         # A bound far above real speech (~4 tokens/s) that stops a runaway decode early.
         max_new = min(220, 32 + int(12 * duration))
         result = self._model.model.generate(
@@ -327,9 +400,12 @@ class WhisperAsr:
             suppress_blank=True,
             suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])),
         )[0]
-        tokens = result.sequences_ids[0]
+        tokens = list(result.sequences_ids[0])
+        if tokens[:len(forced)] != forced:  # the result holds the prompt after the SOT tokens
+            tokens = forced + tokens
         text = str(tokenizer.decode(tokens)).strip()
-        logprob = float(result.scores[0]) * len(tokens) / (len(tokens) + 1) if tokens else 0.0
+        new = len(tokens) - len(forced)
+        logprob = float(result.scores[0]) * new / (new + 1) if new else 0.0
         return text, float(result.no_speech_prob), logprob
 
     def _long_form(self, samples: FloatArray, started: float) -> Transcript:
@@ -343,6 +419,20 @@ class WhisperAsr:
         text = " ".join(s.text.strip() for s in segments).strip()
         return Transcript(text, str(info.language), len(samples) / ASR_RATE,
                           time.perf_counter() - started, "long-form")
+
+
+def wake_variants(phrase: str) -> list[str]:
+    """How whisper would write a wake phrase at the start of a transcript: " Hey Jarvis"
+    and " Hey, Jarvis" (a lower-case phrase is capitalised, as whisper writes it)."""
+    words = phrase.split()
+    if not words:
+        return []
+    if phrase == phrase.lower():
+        words = [w[:1].upper() + w[1:] for w in words]
+    variants = [" " + " ".join(words)]
+    if len(words) > 1:
+        variants.append(" " + words[0] + ", " + " ".join(words[1:]))
+    return variants
 
 
 # --------------------------------------------------------------------------- word error rate

@@ -11,9 +11,10 @@
   except while the gate is held open: the follow-up window after a reply, a reply being
   spoken with barge-in on, an utterance in progress. When it fires, the last
   ``preroll_s`` of audio go to the endpointer first, so a request said in the same
-  breath as the wake word ("hey jarvis what time is it") is heard whole. The
-  transcript must then have the wake phrase (:func:`wake_request`: a second check that
-  costs nothing, the request is transcribed anyway), which is taken off it.
+  breath as the wake word ("hey jarvis what time is it") is heard whole. Whisper
+  must then read the wake phrase at the start of that utterance (:func:`confirmed_request`
+  on a transcript made with ``wake_phrase``: a forced-alignment score, about 20 ms),
+  and the request is the text read after it.
 - Any other ``JARVIS_WAKE_WORD`` text is a phrase matched on transcripts
   (:mod:`jarvis.voice.wake`): everything the VAD hears is transcribed.
 """
@@ -33,6 +34,7 @@ from jarvis.audio.echo import EchoCanceller, EchoReference, echo_cancel_unavaila
 from jarvis.audio.formats import ASR_RATE, FloatArray
 from jarvis.config import PipelineSettings
 from jarvis.errors import ConfigError
+from jarvis.speech.asr import WAKE_LOGPROB_CORROBORATED, Transcript
 from jarvis.speech.silero import Endpointer
 from jarvis.speech.vad import VadEvent
 from jarvis.speech.wakeword import (
@@ -149,22 +151,45 @@ def plan_listening(p: PipelineSettings, *, speaker: bool, microphone: bool) -> L
 _WORD = re.compile(r"[A-Za-z0-9']+")
 
 
-def wake_request(text: str, phrase: str) -> str | None:
+def wake_request(text: str, phrase: str, *, max_edits: int = 2) -> str | None:
     """The request after the wake phrase in ``text`` (maybe ""), or None when the
-    transcript does not have it: the second check of a wake-word detection.
+    transcript does not have it: how a phrase is found in words (a follow-up that says
+    it, a satellite's own wake word, the wake-word check in noise).
 
     Speech recognition writes "jarvis" as "jervis" or "javis" often enough: the phrase's
-    last word is matched allowing one edit (two for words of six letters or more),
-    within the first words. "Hey Janice" or "hey Charles", which can fool the model,
-    do not pass."""
+    last word is matched allowing one edit (two for words of six letters or more, never
+    more than ``max_edits``), within the first words. "Hey Janice" or "hey Charles" do
+    not pass."""
     words = list(_WORD.finditer(text))
     key = _WORD.findall(phrase.lower())
     if not key:
         return text.strip()
     last = key[-1]
     for match in words[:len(key) + 3]:
-        if _close(match.group().lower(), last):
+        if _close(match.group().lower(), last, max_edits):
             return text[match.end():].lstrip(" ,.!?;:-").strip()
+    return None
+
+
+def confirmed_request(transcript: Transcript, phrase: str) -> str | None:
+    """The request after a wake-word detection, or None when the second check turns it
+    down. ``transcript`` was made with ``wake_phrase=phrase``, so it has the phrase's
+    forced-alignment score (:mod:`jarvis.speech.asr`):
+
+    - at least ``WAKE_LOGPROB_MIN``: heard; the request is what was read after it;
+    - at least ``WAKE_LOGPROB_CORROBORATED`` (noise makes whisper unsure of every
+      word): heard if the free transcript has the phrase too, its last word within one
+      edit ("Hey Jervis"), so "Hey Janice" heard as "Hey Jabbis" stays out;
+    - lower: not heard, whatever the words ("Good night Jarvis" scores about -7).
+
+    Without a score (an input over 30 s goes through long-form whisper) the words
+    decide, as :func:`wake_request` reads them."""
+    if transcript.wake_score is None:
+        return wake_request(transcript.text, phrase)
+    if transcript.wake_heard:
+        return transcript.text[len(transcript.wake_prefix):].lstrip(" ,.!?;:-").strip()
+    if transcript.wake_score >= WAKE_LOGPROB_CORROBORATED:
+        return wake_request(transcript.text, phrase, max_edits=1)
     return None
 
 
@@ -175,10 +200,10 @@ def strip_wake_phrase(text: str, phrase: str) -> str:
     return text.strip() if request is None else request
 
 
-def _close(heard: str, expected: str) -> bool:
+def _close(heard: str, expected: str, max_edits: int = 2) -> bool:
     if heard == expected:
         return True
-    allowed = 1 if len(expected) < 6 else 2
+    allowed = min(max_edits, 1 if len(expected) < 6 else 2)
     if abs(len(heard) - len(expected)) > allowed or min(len(heard), len(expected)) < 4:
         return False
     return edit_distance(heard, expected) <= allowed

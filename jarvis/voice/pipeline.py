@@ -52,9 +52,9 @@ from jarvis.voice.listening import (
     AWAKE_S,
     FrontEnd,
     ReferenceWatch,
+    confirmed_request,
     resolve_wake_word,
     strip_wake_phrase,
-    wake_request,
 )
 from jarvis.voice.responder import AudioSink, Responder
 from jarvis.voice.turn import SpeculationGate, Turn, TurnResult
@@ -355,7 +355,8 @@ class VoicePipeline:
     async def _turn(self, utterance: Utterance, turn: Turn, sink: AudioSink) -> TurnResult:
         turn.stage = Stage.ASR
         try:
-            transcript = await self.asr.transcribe_async(utterance.audio)
+            transcript = await self.asr.transcribe_async(utterance.audio,
+                                                         wake_phrase=utterance.woke)
         except JarvisError as exc:
             return self.responder.fail(turn, Stage.ASR, exc)
         turn.transcript = transcript.text
@@ -365,9 +366,10 @@ class VoicePipeline:
         turn.stage = Stage.WAKE
         gated = self.front_end is not None and self.front_end.gated
         if utterance.woke:
-            # The model woke us; the transcript confirms it (or the model was fooled by
-            # "hey Janice": back to sleep), and the wake phrase is taken off the request.
-            request: str | None = wake_request(transcript.text, utterance.woke)
+            # The model woke us; whisper reading the phrase at the start confirms it
+            # (or the model was fooled by "hey Janice": back to sleep), and the request
+            # is what was read after it.
+            request: str | None = confirmed_request(transcript, utterance.woke)
             woke = request is not None
             if woke:
                 self._awake_until = time.monotonic() + AWAKE_S

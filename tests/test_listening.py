@@ -91,6 +91,13 @@ def test_the_words_can_be_held_to_one_edit() -> None:
     assert wake_request("Hey Javis, lights.", "Hey Jarvis", max_edits=1) == "lights."
 
 
+def test_a_name_heard_as_two_words_is_found() -> None:
+    assert wake_request("Hey, my craft, what time is it?", "Hey Mycroft",
+                        max_edits=1) == "what time is it?"
+    assert wake_request("Hey Jar vis, lights.", "Hey Jarvis") == "lights."
+    assert wake_request("Hey, jar of jam, please.", "Hey Jarvis", max_edits=1) is None
+
+
 def _transcript(text: str, score: float | None, prefix: str = "") -> Transcript:
     return Transcript(text, "en", 2.0, 0.1, wake_score=score, wake_prefix=prefix)
 

@@ -156,18 +156,24 @@ def wake_request(text: str, phrase: str, *, max_edits: int = 2) -> str | None:
     transcript does not have it: how a phrase is found in words (a follow-up that says
     it, a satellite's own wake word, the wake-word check in noise).
 
-    Speech recognition writes "jarvis" as "jervis" or "javis" often enough: the phrase's
-    last word is matched allowing one edit (two for words of six letters or more, never
-    more than ``max_edits``), within the first words. "Hey Janice" or "hey Charles" do
-    not pass."""
+    Speech recognition writes "jarvis" as "jervis" or "javis" often enough, and a name
+    it does not know as two words ("Mycroft" as "my craft"): the phrase's last word is
+    matched, alone or as two heard words joined, allowing one edit (two for words of
+    six letters or more, never more than ``max_edits``), within the first words. "Hey
+    Janice" or "hey Charles" do not pass."""
     words = list(_WORD.finditer(text))
     key = _WORD.findall(phrase.lower())
     if not key:
         return text.strip()
     last = key[-1]
-    for match in words[:len(key) + 3]:
-        if _close(match.group().lower(), last, max_edits):
-            return text[match.end():].lstrip(" ,.!?;:-").strip()
+    first = words[:len(key) + 3]
+    for i, match in enumerate(first):
+        heard = match.group().lower()
+        for end in (match, *first[i + 1:i + 2]):
+            if end is not match:
+                heard += end.group().lower()
+            if _close(heard, last, max_edits):
+                return text[end.end():].lstrip(" ,.!?;:-").strip()
     return None
 
 

@@ -319,7 +319,6 @@ class Woken:
     probability: float
     text: str | None = None  # None: no utterance ended after it
     confirmed: bool = False
-    score: float | None = None  # the forced-alignment score, with check="forced"
 
 
 @dataclass
@@ -415,7 +414,6 @@ class Gate:
                 continue
             woken = self._last_wake
             woken.text = text
-            woken.score = transcript.wake_score
             woken.confirmed = (confirmed_request(transcript, WAKE_PHRASE) if phrase
                                else wake_request(text, WAKE_PHRASE)) is not None
             self.woken.append(woken)

@@ -38,10 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import wakeword_bench as corpus_bench
 
 from jarvis.config import load_settings
+from jarvis.evaluation.wer import word_errors
 from jarvis.speech.asr import WAKE_LOGPROB_MIN, WhisperAsr
 from jarvis.voice.listening import confirmed_request, wake_request
 
 PHRASE = "Hey Jarvis"
+WAKE_GROUP = "wake phrases (piper, shifted)"
 WAYS = ("transcript", f"forced >= {WAKE_LOGPROB_MIN:g}", "pipeline")
 
 
@@ -52,7 +54,7 @@ def main() -> int:
     corpus = corpus_bench.Corpus(Path("~/.cache/jarvis-bench/wakeword").expanduser())
     negatives = corpus_bench.negatives(corpus, 1.0, 0)
     groups: dict[str, list[Any]] = {
-        "wake phrases (piper, shifted)": [c for c in corpus_bench.positives(corpus)
+        WAKE_GROUP: [c for c in corpus_bench.positives(corpus)
                                           if c.source != "espeak"],
         "near misses": [c for c in negatives if c.category == "near_miss"],
         "everyday": [c for c in negatives if c.category == "everyday"
@@ -63,6 +65,7 @@ def main() -> int:
     passed: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     scores: dict[str, list[float]] = defaultdict(list)
     times: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    request_errors: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, clips in groups.items():
         for clip in clips:
             started = time.perf_counter()
@@ -72,8 +75,14 @@ def main() -> int:
             times[name].append((middle - started, time.perf_counter() - middle))
             score = woke.wake_score if woke.wake_score is not None else -99.0
             scores[name].append(score)
-            checks = (wake_request(free.text, PHRASE) is not None, woke.wake_heard,
-                      confirmed_request(woke, PHRASE) is not None)
+            by_words, confirmed = wake_request(free.text, PHRASE), confirmed_request(woke, PHRASE)
+            checks = (by_words is not None, woke.wake_heard, confirmed is not None)
+            said = wake_request(clip.text, PHRASE) if name == WAKE_GROUP else None
+            if said is not None:  # how well is the request after the wake phrase heard?
+                for way, heard in (("transcript", by_words), ("pipeline", confirmed)):
+                    errors, words = word_errors(said, heard if heard is not None else "")
+                    request_errors[way][0] += errors
+                    request_errors[way][1] += words
             for way, ok in zip(WAYS, checks, strict=True):
                 if ok:
                     passed[name][way].append(clip.text)
@@ -90,6 +99,10 @@ def main() -> int:
         free_s, woke_s = (1000 * np.median(np.asarray(times[name])[:, i]) for i in (0, 1))
         print(f"time per clip, {name}: transcript {free_s:.0f} ms, with the wake phrase "
               f"{woke_s:.0f} ms ({woke_s - free_s:+.0f} ms; medians)")
+    print("word error rate of the request after a wake phrase (a missed phrase counts as "
+          "the whole request lost): " + ", ".join(
+              f"{way} {100 * e / max(n, 1):.1f} % ({e}/{n})"
+              for way, (e, n) in request_errors.items()))
     for way in ways:
         near = passed["near misses"][way]
         if near:

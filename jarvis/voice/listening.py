@@ -158,9 +158,9 @@ def wake_request(text: str, phrase: str, *, max_edits: int = 2) -> str | None:
 
     Speech recognition writes "jarvis" as "jervis" or "javis" often enough, and a name
     it does not know as two words ("Mycroft" as "my craft"): the phrase's last word is
-    matched, alone or as two heard words joined, allowing one edit (two for words of
-    six letters or more, never more than ``max_edits``), within the first words. "Hey
-    Janice" or "hey Charles" do not pass."""
+    matched within the first words, allowing one edit (two for words of six letters or
+    more, never more than ``max_edits``), or as two heard words joined, allowing one
+    edit. "Hey Janice" or "hey Charles" do not pass."""
     words = list(_WORD.finditer(text))
     key = _WORD.findall(phrase.lower())
     if not key:
@@ -170,9 +170,10 @@ def wake_request(text: str, phrase: str, *, max_edits: int = 2) -> str | None:
     for i, match in enumerate(first):
         heard = match.group().lower()
         for end in (match, *first[i + 1:i + 2]):
-            if end is not match:
+            joined = end is not match
+            if joined:
                 heard += end.group().lower()
-            if _close(heard, last, max_edits):
+            if _close(heard, last, 1 if joined else max_edits):
                 return text[end.end():].lstrip(" ,.!?;:-").strip()
     return None
 

@@ -167,14 +167,12 @@ def wake_request(text: str, phrase: str, *, max_edits: int = 2) -> str | None:
         return text.strip()
     last = key[-1]
     first = words[:len(key) + 3]
-    for i, match in enumerate(first):
+    for match, following in zip(first, [*first[1:], None], strict=True):
         heard = match.group().lower()
-        for end in (match, *first[i + 1:i + 2]):
-            joined = end is not match
-            if joined:
-                heard += end.group().lower()
-            if _close(heard, last, 1 if joined else max_edits):
-                return text[end.end():].lstrip(" ,.!?;:-").strip()
+        if _close(heard, last, max_edits):
+            return _after(text, match.end())
+        if following is not None and _close(heard + following.group().lower(), last, 1):
+            return _after(text, following.end())
     return None
 
 
@@ -194,7 +192,7 @@ def confirmed_request(transcript: Transcript, phrase: str) -> str | None:
     if transcript.wake_score is None:
         return wake_request(transcript.text, phrase)
     if transcript.wake_heard:
-        return transcript.text[len(transcript.wake_prefix):].lstrip(" ,.!?;:-").strip()
+        return _after(transcript.text, len(transcript.wake_prefix))
     if transcript.wake_score >= WAKE_LOGPROB_CORROBORATED:
         return wake_request(transcript.text, phrase, max_edits=1)
     return None
@@ -205,6 +203,11 @@ def strip_wake_phrase(text: str, phrase: str) -> str:
     of ``text``: for requests that need no wake word (a follow-up) but may say it."""
     request = wake_request(text, phrase)
     return text.strip() if request is None else request
+
+
+def _after(text: str, end: int) -> str:
+    """The request: ``text`` from ``end`` on, without the punctuation after the phrase."""
+    return text[end:].lstrip(" ,.!?;:-").strip()
 
 
 def _close(heard: str, expected: str, max_edits: int = 2) -> bool:

@@ -80,6 +80,8 @@ def test_a_model_name_that_is_not_bundled_lists_the_bundled_ones() -> None:
     ("Hey Janice, what time is it?", None),  # fooled the model, not the transcript
     ("Hey Charles, turn it off.", None),
     ("What time is it?", None),
+    ("", None),  # whisper heard nothing
+    ("...", None),
 ])
 def test_the_transcript_confirms_the_wake_word(text: str, request_: str | None) -> None:
     assert wake_request(text, "Hey Jarvis") == request_
@@ -115,6 +117,7 @@ def test_the_wake_score_decides_and_the_request_is_what_was_read_after_the_phras
     assert confirmed_request(_transcript("Hey Jabbis, what time is it?", unsure),
                              "Hey Jarvis") is None  # two edits: "Hey Janice" misheard
     assert confirmed_request(_transcript("Hang on, the lights.", unsure), "Hey Jarvis") is None
+    assert confirmed_request(_transcript("", unsure), "Hey Jarvis") is None
     # Below them, words that would pass the transcript check do not pass.
     fooled = _transcript("Good night Jarvis.", WAKE_LOGPROB_CORROBORATED - 0.01)
     assert confirmed_request(fooled, "Hey Jarvis") is None

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import zip_longest
 
 import numpy as np
 
@@ -167,7 +168,7 @@ def wake_request(text: str, phrase: str, *, max_edits: int = 2) -> str | None:
         return text.strip()
     last = key[-1]
     first = words[:len(key) + 3]
-    for match, following in zip(first, [*first[1:], None], strict=True):
+    for match, following in zip_longest(first, first[1:]):
         heard = match.group().lower()
         if _close(heard, last, max_edits):
             return _after(text, match.end())

@@ -56,16 +56,19 @@ def silence(seconds: float) -> np.ndarray:
 
 
 def new_pipeline(assistant: Assistant, *, devices: DeviceHandler | None = None,
-                 **pipeline: Any) -> tuple[VoicePipeline, list[TurnEvent]]:
-    """A pipeline with its own responder (fresh conversations) over the shared engines."""
+                 speculate: bool = True, **pipeline: Any
+                 ) -> tuple[VoicePipeline, list[TurnEvent]]:
+    """A pipeline with its own responder (fresh conversations) over the shared engines;
+    without ``speculate``, each utterance is transcribed once, at its end."""
     voice = assistant.voice()
     settings = replace(voice.settings, **pipeline)
     conversations = Conversations(assistant.responder.conversations.system_prompt,
                                   history_turns=8, idle_s=300)
     responder = Responder(assistant.backend, conversations, tts=assistant.tts, devices=devices)
     assert assistant.asr is not None
+    vad = make_settings(Path("/tmp")).vad
     p = VoicePipeline(responder, assistant.asr, settings,
-                      endpointer=Endpointer(make_settings(Path("/tmp")).vad))
+                      endpointer=Endpointer(vad if speculate else replace(vad, speculate_ms=0)))
     events: list[TurnEvent] = []
     p.subscribe(events.append)
     return p, events
@@ -322,6 +325,40 @@ def test_a_failing_stage_is_reported_and_the_loop_keeps_listening(
     assert len(ends(events)) == 1  # the next turn was answered
     assert len(of(events, EventType.TRANSCRIPT)) == 2
     assert len(sink.written) == 1, [(e.type.value, e.text, e.stage) for e in events]
+
+
+class _BuggyOnceAsr:
+    """Fault injection: the first transcription raises what no stage expects (a bug)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls = 0
+
+    async def transcribe_async(self, audio: np.ndarray, **options: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("injected bug")
+        return await self.real.transcribe_async(audio, **options)
+
+
+def test_a_bug_in_one_turn_is_reported_and_the_loop_keeps_listening(
+    assistant: Assistant, loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    audio = np.concatenate([silence(0.3), speech(assistant, "Please say hello to everyone."),
+                            silence(1.5),
+                            speech(assistant, "Now please say goodbye to everyone."),
+                            silence(0.5)])
+    pipeline, events = new_pipeline(assistant, speculate=False)
+    pipeline.asr = _BuggyOnceAsr(assistant.asr)  # type: ignore[assignment]
+    sink = WavReplySink(tmp_path / "out")
+    loop.run_until_complete(pipeline.run(file_chunks(audio, realtime=False), sink))
+    errors = of(events, EventType.ERROR)
+    assert [(e.stage, e.data.get("code"), e.text) for e in errors] == [
+        ("asr", "internal_error", "RuntimeError: injected bug")]
+    failed = ends(events, Outcome.FAILED)
+    assert len(failed) == 1 and failed[0].turn_id == errors[0].turn_id
+    assert len(ends(events)) == 1  # the next utterance was heard and answered
+    assert len(sink.written) == 1
 
 
 def test_shutdown_mid_reply_leaves_no_threads_or_partial_files(tmp_path: Path) -> None:

@@ -353,12 +353,17 @@ class VoicePipeline:
         return result
 
     async def _turn(self, utterance: Utterance, turn: Turn, sink: AudioSink) -> TurnResult:
-        turn.stage = Stage.ASR
         try:
-            transcript = await self.asr.transcribe_async(utterance.audio,
-                                                         wake_phrase=utterance.woke)
-        except JarvisError as exc:
-            return self.responder.fail(turn, Stage.ASR, exc)
+            return await self._heard(utterance, turn, sink)
+        except Exception as exc:  # a bug in one turn must not end listening
+            return self.responder.fail(turn, turn.stage, exc)
+
+    async def _heard(self, utterance: Utterance, turn: Turn, sink: AudioSink) -> TurnResult:
+        """Transcribe, check the wake word, and hand the request to the responder (which
+        ends the turn itself, whatever happens there)."""
+        turn.stage = Stage.ASR
+        transcript = await self.asr.transcribe_async(utterance.audio,
+                                                     wake_phrase=utterance.woke)
         turn.transcript = transcript.text
         turn.latency["asr"] = transcript.latency_s
         self.responder.emit(turn, EventType.TRANSCRIPT, transcript.text,

@@ -214,10 +214,18 @@ class Responder:
         self._end(turn, result, SpokenText(), turn.since)
         return result
 
-    def fail(self, turn: Turn, stage: Stage, exc: JarvisError) -> TurnResult:
-        """End a turn whose ``stage`` failed before it reached the responder (ASR)."""
+    def fail(self, turn: Turn, stage: Stage, exc: Exception) -> TurnResult:
+        """End a turn whose ``stage`` failed before it reached the responder (ASR, the
+        wake check). An exception that is not a :class:`JarvisError` is a bug: it is
+        logged with its traceback and reported as ``internal_error``, and the caller
+        goes on listening."""
         result = TurnResult(turn.id, Outcome.FAILED, turn.transcript, turn.request)
-        self._fail(turn, result, stage, str(exc), f"{stage.value}_failed")
+        if isinstance(exc, JarvisError):
+            self._fail(turn, result, stage, str(exc), f"{stage.value}_failed")
+        else:
+            log.error("turn %s failed in %s", turn.id, stage.value, exc_info=exc)
+            self._fail(turn, result, stage, f"{type(exc).__name__}: {exc}"[:300],
+                       "internal_error")
         self._end(turn, result, SpokenText(), turn.since)
         return result
 

@@ -118,30 +118,26 @@ def oww_scorer() -> Callable[[FloatArray], float] | None:
     return score
 
 
-def collect(transcripts: Recording, corpus: wb.Corpus) -> tuple[list[wb.Clip], float]:
-    """Run the gate over the positive trials and the negative stream; the trials' clips
-    and the stream's length in hours."""
+def collect(transcripts: Recording, corpus: wb.Corpus) -> tuple[list[str], float]:
+    """Run the gate over the positive trials and the negative stream; each trial's
+    source (piper, piper-shift, espeak) and the stream's length in hours."""
     settings = load_settings({"JARVIS_CACHE_DIR": ""})
-    wake_clips = wb.positives(corpus)
     other = wb.negatives(corpus, 1.0, 0)
-    babble = np.concatenate([c.audio for c in other if c.source == "piper"][:80])
+    babble = wb.talkers(other)
     gate = wb.Gate(CUTOFF, settings, transcripts, follow_ons=False)
-    trial = 0
-    for i, clip in enumerate(wake_clips):  # as wb.accept_rates makes them
-        padded = voices.pad(clip.audio, 0.5, 1.0)
-        for snr in wb.SNRS:
-            audio, _ = wb.noisy(padded, snr, i, babble)
-            transcripts.trial = trial
-            gate.start()
-            gate.feed(audio)
-            gate.finish()
-            trial += 1
+    sources = []
+    for trial, (clip, _, audio, _) in enumerate(wb.trials(wb.positives(corpus), babble)):
+        transcripts.trial = trial
+        sources.append(clip.source)
+        gate.start()
+        gate.feed(audio)
+        gate.finish()
     transcripts.trial = -1
     gate.transcribe_follow_ons = True
     stream = wb.false_accepts(other, 0, babble, [gate])
     transcripts.save()
     transcripts.recording = False
-    return wake_clips, stream["stream_s"] / 3600
+    return sources, stream["stream_s"] / 3600
 
 
 def main() -> int:
@@ -152,7 +148,7 @@ def main() -> int:
     settings = load_settings({"JARVIS_CACHE_DIR": ""})
     transcripts = Recording(directory, settings.asr)
     started = time.perf_counter()
-    clips, hours = collect(transcripts, wb.Corpus(directory))
+    sources, hours = collect(transcripts, wb.Corpus(directory))
     kept = transcripts.kept
     print(f"wake second stages · cut-off {CUTOFF:g} · {len(kept)} utterances carried a "
           f"detection ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -183,14 +179,13 @@ def main() -> int:
                 u.verdicts["shipped"] or (peak >= OWW_MIN and corroborated))
             u.verdicts[f"openWakeWord veto (>= {OWW_MIN:g})"] = (
                 u.verdicts["shipped"] and peak >= OWW_MIN)
-    report(kept, clips, hours)
+    report(kept, sources, hours)
     return 0
 
 
-def report(kept: list[Utterance], clips: list[wb.Clip], hours: float) -> None:
-    per_trial = [c.source for c in clips for _ in wb.SNRS]  # the order collect() ran
-    trials = {"piper+shift": [t for t, s in enumerate(per_trial) if s != "espeak"],
-              "espeak": [t for t, s in enumerate(per_trial) if s == "espeak"]}
+def report(kept: list[Utterance], sources: list[str], hours: float) -> None:
+    trials = {"piper+shift": [t for t, s in enumerate(sources) if s != "espeak"],
+              "espeak": [t for t, s in enumerate(sources) if s == "espeak"]}
     print(f"\n{'second stage':36s}" + "".join(f"{n:>22s}" for n in trials)
           + f"   false accepts ({hours * 60:.1f} min)")
     for rule in kept[0].verdicts if kept else []:

@@ -430,32 +430,45 @@ class Gate:
 # --------------------------------------------------------------------------- (a)
 
 
+def talkers(clips: list[Clip]) -> FloatArray:
+    """The talkers of the babble noise: the first 80 piper clips of ``clips``."""
+    return np.concatenate([c.audio for c in clips if c.source == "piper"][:80])
+
+
+def trials(clips: list[Clip], babble: FloatArray
+           ) -> Iterator[tuple[Clip, float, FloatArray, str]]:
+    """The positive trials: each wake phrase padded, clean and at each SNR (the noise
+    kind turns with the clip): (clip, snr, audio, noise kind)."""
+    for i, clip in enumerate(clips):
+        padded = voices.pad(clip.audio, 0.5, 1.0)
+        for snr in SNRS:
+            audio, kind = noisy(padded, snr, i, babble)
+            yield clip, snr, audio, kind
+
+
 def accept_rates(clips: list[Clip], babble: FloatArray,
                  gates: list[Gate] | None = None) -> dict[str, Any]:
     """The detector alone (its own cut-off), and each gate (two-stage, see (d)) on the
     same trials."""
     detector = WakeWordDetector("hey_jarvis")
     rows = []
-    for i, clip in enumerate(clips):
-        padded = voices.pad(clip.audio, 0.5, 1.0)
-        for snr in SNRS:
-            audio, kind = noisy(padded, snr, i, babble)
-            detector.reset()
-            found = [d for s in range(0, len(audio), CHUNK)
-                     for d in detector.detections(audio[s:s + CHUNK])]
-            stages: dict[str, dict[str, Any]] = {}
-            for gate in gates or []:
-                gate.start()
-                gate.feed(audio)
-                gate.finish()
-                stages[gate.key] = {
-                    "fired": bool(gate.detections), "confirmed": gate.confirmed,
-                    "answered": gate.confirmed or bool(gate.detections and gate.follow_ons),
-                    "heard": [w.text for w in gate.woken]}
-            rows.append({"source": clip.source, "voice": clip.voice, "speed": clip.speed,
-                         "snr": "clean" if snr == float("inf") else f"{snr:.0f} dB",
-                         "noise": kind, "accepted": bool(found), "detections": len(found),
-                         "text": clip.text, "stages": stages})
+    for clip, snr, audio, kind in trials(clips, babble):
+        detector.reset()
+        found = [d for s in range(0, len(audio), CHUNK)
+                 for d in detector.detections(audio[s:s + CHUNK])]
+        stages: dict[str, dict[str, Any]] = {}
+        for gate in gates or []:
+            gate.start()
+            gate.feed(audio)
+            gate.finish()
+            stages[gate.key] = {
+                "fired": bool(gate.detections), "confirmed": gate.confirmed,
+                "answered": gate.confirmed or bool(gate.detections and gate.follow_ons),
+                "heard": [w.text for w in gate.woken]}
+        rows.append({"source": clip.source, "voice": clip.voice, "speed": clip.speed,
+                     "snr": "clean" if snr == float("inf") else f"{snr:.0f} dB",
+                     "noise": kind, "accepted": bool(found), "detections": len(found),
+                     "text": clip.text, "stages": stages})
     return {"rows": rows}
 
 
@@ -904,8 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {len(wake_clips)} wake phrases, {len(other_clips)} other clips; "
           f"{corpus.made} synthesized now in {corpus.made_s:.0f} s, the rest from the cache "
           f"({time.perf_counter() - started:.0f} s)")
-    babble = np.concatenate([c.audio for c in other_clips
-                             if c.source == "piper"][:80])  # talkers for babble noise
+    babble = talkers(other_clips)
 
     settings = load_settings({"JARVIS_CACHE_DIR": ""})
     transcripts = Transcripts(directory, settings.asr)

@@ -291,6 +291,14 @@ def test_a_custom_wake_phrase_is_matched_on_transcripts(
     assert not requests[0].lower().startswith("hello"), requests
 
 
+def _two_requests(assistant: Assistant) -> np.ndarray:
+    """Two requests with a pause between: the first meets an injected fault, the second
+    must be answered all the same."""
+    return np.concatenate([silence(0.3), speech(assistant, "Please say hello to everyone."),
+                           silence(1.5), speech(assistant, "Now please say goodbye to everyone."),
+                           silence(0.5)])
+
+
 class _FailingOnceTts:
     """Fault injection: the first synthesis fails like a broken voice would."""
 
@@ -310,10 +318,7 @@ class _FailingOnceTts:
 def test_a_failing_stage_is_reported_and_the_loop_keeps_listening(
     assistant: Assistant, loop: asyncio.AbstractEventLoop, tmp_path: Path
 ) -> None:
-    audio = np.concatenate([silence(0.3), speech(assistant, "Please say hello to everyone."),
-                            silence(1.5),
-                            speech(assistant, "Now please say goodbye to everyone."),
-                            silence(0.5)])
+    audio = _two_requests(assistant)
     pipeline, events = new_pipeline(assistant)
     pipeline.responder.tts = _FailingOnceTts(assistant.tts)  # type: ignore[assignment]
     sink = WavReplySink(tmp_path / "out")
@@ -344,10 +349,7 @@ class _BuggyOnceAsr:
 def test_a_bug_in_one_turn_is_reported_and_the_loop_keeps_listening(
     assistant: Assistant, loop: asyncio.AbstractEventLoop, tmp_path: Path
 ) -> None:
-    audio = np.concatenate([silence(0.3), speech(assistant, "Please say hello to everyone."),
-                            silence(1.5),
-                            speech(assistant, "Now please say goodbye to everyone."),
-                            silence(0.5)])
+    audio = _two_requests(assistant)
     pipeline, events = new_pipeline(assistant, speculate=False)
     pipeline.asr = _BuggyOnceAsr(assistant.asr)  # type: ignore[assignment]
     sink = WavReplySink(tmp_path / "out")

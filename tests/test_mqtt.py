@@ -589,6 +589,51 @@ class _FailingStream:
     def cancel(self) -> None: ...
 
 
+class StuckBackend(FailingBackend):
+    """Fault injection: a model whose first piece never comes (a long prompt on a busy
+    machine), until the ask is cancelled."""
+
+    def stream_chat(self, messages: Sequence[ChatMessage],
+                    options: GenerationOptions | None = None) -> _StuckStream:
+        self.calls += 1
+        return _StuckStream()
+
+
+class _StuckStream(_FailingStream):
+    def __init__(self) -> None:
+        super().__init__(RuntimeError("unreachable"))
+
+    async def _pieces(self) -> AsyncIterator[str]:
+        await asyncio.Event().wait()
+        yield "never"
+
+
+def test_an_ask_cancelled_before_the_first_token_reports_none_generated(
+    mosquitto: Mosquitto, loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    base = "jarvis/stuck"
+    cfg = hub_settings(tmp_path, **mosquitto.env(SITE="stuck"))
+
+    async def scenario() -> None:
+        running = await start_hub(StuckBackend(), cfg)
+        try:
+            async with probe(mosquitto.port, f"{base}/#") as p:
+                await p.publish(f"{base}/cmd/ask", json.dumps({"text": "Hello?", "id": "s1"}))
+                await p.wait_for(lambda t, b: t == f"{base}/state" and b == b"thinking")
+                # No target: the reply in progress, which the responder stops.
+                await p.publish(f"{base}/cmd/cancel", json.dumps({"id": "c1"}))
+                _, body = await p.wait_for(
+                    lambda t, b: t == f"{base}/reply" and loads(b)["id"] == "s1")
+                reply = loads(body)
+                assert reply["cancelled"] is True, reply
+                assert reply["latency"].get("completion_tokens") == 0, reply
+                assert reply["latency"]["finish_reason"] == "cancelled"
+        finally:
+            await running.close()
+
+    loop_thread.run(scenario())
+
+
 def test_a_failing_backend_is_reported_per_ask_and_the_bridge_keeps_serving(
     mosquitto: Mosquitto, loop_thread: LoopThread, tmp_path: Path
 ) -> None:

@@ -123,6 +123,8 @@ class Responder:
             await self._respond(turn, sink if turn.speak else None, result, spoken)
         except asyncio.CancelledError:
             result.outcome, result.interrupted = Outcome.CANCELLED, True
+            if not result.stats:  # stopped before the model's first piece
+                result.stats = {"completion_tokens": 0, "finish_reason": "cancelled"}
             if turn.id not in self._interrupted:
                 self._end(turn, result, spoken, started)
                 raise

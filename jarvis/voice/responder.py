@@ -124,7 +124,7 @@ class Responder:
         except asyncio.CancelledError:
             result.outcome, result.interrupted = Outcome.CANCELLED, True
             if not result.stats:  # stopped before the model's first piece
-                result.stats = {"completion_tokens": 0, "finish_reason": "cancelled"}
+                result.stats = _cancelled_stats(0)
             if turn.id not in self._interrupted:
                 self._end(turn, result, spoken, started)
                 raise
@@ -132,12 +132,9 @@ class Responder:
         except RequestError as exc:
             self._fail(turn, result, Stage.RECEIVED, str(exc), exc.code)
         except JarvisError as exc:
-            stage = _stage_of(exc, turn.stage)
-            self._fail(turn, result, stage, str(exc), f"{stage.value}_failed")
+            self._failed(turn, result, _stage_of(exc, turn.stage), exc)
         except Exception as exc:  # a bug must not end the loop: report it as a failure
-            log.exception("turn %s failed in %s", turn.id, turn.stage.value)
-            self._fail(turn, result, turn.stage, f"{type(exc).__name__}: {exc}"[:300],
-                       "internal_error")
+            self._failed(turn, result, turn.stage, exc)
         finally:
             self._tasks.pop(turn.id, None)
             self._interrupted.discard(turn.id)
@@ -222,12 +219,7 @@ class Responder:
         logged with its traceback and reported as ``internal_error``, and the caller
         goes on listening."""
         result = TurnResult(turn.id, Outcome.FAILED, turn.transcript, turn.request)
-        if isinstance(exc, JarvisError):
-            self._fail(turn, result, stage, str(exc), f"{stage.value}_failed")
-        else:
-            log.error("turn %s failed in %s", turn.id, stage.value, exc_info=exc)
-            self._fail(turn, result, stage, f"{type(exc).__name__}: {exc}"[:300],
-                       "internal_error")
+        self._failed(turn, result, stage, exc)
         self._end(turn, result, SpokenText(), turn.since)
         return result
 
@@ -289,8 +281,8 @@ class Responder:
             finally:
                 stream.cancel()  # a no-op when it finished; frees the model otherwise
                 # Stopped mid-stream, the backend's own count arrives later: count here.
-                result.stats = _stats(stream) if stream.stats is not None else {
-                    "completion_tokens": received, "finish_reason": "cancelled"}
+                result.stats = (_stats(stream) if stream.stats is not None
+                                else _cancelled_stats(received))
             if tail:
                 yield self._released(turn, tail)
             result.stats["repeated"] = guard.repeated
@@ -354,6 +346,15 @@ class Responder:
         conversation.add_turn(request, reply)
         self.backend.prepare(conversation.history())  # evaluated while we listen
 
+    def _failed(self, turn: Turn, result: TurnResult, stage: Stage, exc: Exception) -> None:
+        """Report ``exc`` as the turn's failure in ``stage``: a :class:`JarvisError` by its
+        message, anything else as a bug (logged with its traceback, ``internal_error``)."""
+        if isinstance(exc, JarvisError):
+            self._fail(turn, result, stage, str(exc), f"{stage.value}_failed")
+            return
+        log.error("turn %s failed in %s", turn.id, stage.value, exc_info=exc)
+        self._fail(turn, result, stage, f"{type(exc).__name__}: {exc}"[:300], "internal_error")
+
     def _fail(self, turn: Turn, result: TurnResult, stage: Stage, message: str,
               code: str) -> None:
         result.outcome, result.failed_stage = Outcome.FAILED, stage
@@ -403,6 +404,11 @@ class _Prepended:
             yield self._first
         async for piece in self._rest:
             yield piece
+
+
+def _cancelled_stats(received: int) -> dict[str, object]:
+    """A reply stopped before the backend's own count came: the pieces received."""
+    return {"completion_tokens": received, "finish_reason": "cancelled"}
 
 
 def _stats(stream: TokenStream | _Prepended) -> dict[str, object]:
